@@ -101,28 +101,32 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the interpreter and the libraries that decide results."""
+    """Versions of the interpreter and the libraries that decide results (read from package
+    metadata, so nothing heavy is imported)."""
+    from importlib import metadata
+
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for mod in ("xrayfm", "numpy", "torch", "timm", "pydicom", "pyarrow", "duckdb"):
-        m = sys.modules.get(mod)
-        if m is None:
-            try:
-                m = __import__(mod)
-            except ImportError:
-                continue
-        out[mod] = str(getattr(m, "__version__", "unknown"))
+    for dist in ("xrayfm", "numpy", "torch", "timm", "pydicom", "pyarrow", "duckdb"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
     return out
 
 
 def write_run_record(out_dir: str | os.PathLike[str], cfg: Any, seed: int | None = None,
-                     extra: dict[str, Any] | None = None) -> None:
-    """Write the resolved config (YAML) and versions/seed/command (JSON) into ``out_dir``."""
+                     extra: dict[str, Any] | None = None, record_command: bool = True) -> None:
+    """Write the resolved config (YAML) and versions/seed/command (JSON) into ``out_dir``.
+
+    Pass ``record_command=False`` where the command line may hold patient-identifying paths
+    (ingest, anonymize): then only the verb is recorded.
+    """
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
     cfg_dict = to_dict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
     atomic_write_text(d / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
     record = {
-        "command": sys.argv,
+        "command": sys.argv if record_command else sys.argv[:2],
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seed": seed,
         "versions": versions(),
