@@ -63,5 +63,5 @@ def pixel_hash(arr: np.ndarray) -> str:
         a = a.astype(a.dtype.newbyteorder("<"))
     h = hashlib.sha256()
     h.update(f"{a.shape}|{a.dtype.str}|".encode())
-    h.update(a.tobytes())
+    h.update(memoryview(a).cast("B"))  # no copy of a multi-MB frame
     return h.hexdigest()

@@ -33,6 +33,7 @@ def _register() -> None:
     # One import per verb group; each module calls app.command()/app.add_typer() itself.
     from xrayfm.cli import version  # noqa: F401
     from xrayfm.cli import anonymize  # noqa: F401
+    from xrayfm.cli import decode  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:
