@@ -203,6 +203,9 @@ def test_quarantine(phi_file: tuple[Path, dict[str, str]]) -> None:
     screen = pydicom.dcmread(path)
     screen.ImageType = ["DERIVED", "SECONDARY", "SCREEN SAVE"]
     assert anon.quarantine_reason(screen) == "secondary_capture"
+    reformat = pydicom.dcmread(path)
+    reformat.ImageType = ["DERIVED", "SECONDARY", "OTHER"]  # a derived image, not a screenshot
+    assert anon.quarantine_reason(reformat) is None
     converted = pydicom.dcmread(path)
     converted.ConversionType = "WSD"
     assert anon.quarantine_reason(converted) == "secondary_capture"

@@ -34,6 +34,7 @@ def _register() -> None:
     from xrayfm.cli import version  # noqa: F401
     from xrayfm.cli import anonymize  # noqa: F401
     from xrayfm.cli import decode  # noqa: F401
+    from xrayfm.cli import ingest, lake  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

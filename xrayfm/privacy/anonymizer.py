@@ -199,7 +199,9 @@ class Anonymizer:
         if sop == SECONDARY_CAPTURE_SOP or sop.startswith(SECONDARY_CAPTURE_SOP + "."):
             return "secondary_capture"
         image_type = [v.upper() for v in _values(ds["ImageType"])] if "ImageType" in ds else []
-        if any("SECONDARY" in v or "SCREEN" in v for v in image_type):
+        # Value 2 SECONDARY only means "derived after acquisition" (e.g. MR reformats) and is
+        # admissible; screen captures say so in a later value ("SCREEN SAVE", "SCREENSHOT").
+        if any("SCREEN" in v for v in image_type):
             return "secondary_capture"
         if _text(ds, "ConversionType"):  # only the SC Equipment module carries it (WSD, SYN, SD, ...)
             return "secondary_capture"
