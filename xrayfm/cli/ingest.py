@@ -1,4 +1,4 @@
-"""``xrayfm ingest SRC... LAKE``: anonymize DICOM/PNG/JPEG/TIFF files into an image lake."""
+"""``xrayfm ingest SRC... --lake LAKE``: anonymize DICOM/PNG/JPEG/TIFF files into an image lake."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ _Opt = typer.Option
 
 @app.command("ingest")
 def ingest_cmd(
-    paths: Annotated[list[str], typer.Argument(help="Source files or folders, then the lake folder or fsspec "
-                                               "URL last.")],
+    paths: Annotated[list[str], typer.Argument(help="Source files or folders (then the lake last, unless "
+                                               "--lake is given).")],
+    lake: Annotated[str | None, _Opt("--lake", help="Lake folder or fsspec URL.")] = None,
     config: Annotated[Path | None, _Opt(help="YAML IngestConfig; options given here override it.")] = None,
     key_file: Annotated[str | None, _Opt(help="Pseudonymisation key (default $XRAYFM_KEY_FILE or "
                                          "~/.config/xrayfm/anonymization.key, created on first use).")] = None,
@@ -46,9 +47,12 @@ def ingest_cmd(
     from xrayfm.lake.writer import LakeError
     from xrayfm.privacy import KeyFileError
 
-    if len(paths) < 2:
-        raise UserError("give at least one source and the lake: xrayfm ingest SRC [SRC...] LAKE")
-    *sources, lake = paths
+    if lake is None:
+        if len(paths) < 2:
+            raise UserError("give at least one source and the lake: xrayfm ingest SRC [SRC...] --lake LAKE")
+        *sources, lake = paths
+    else:
+        sources = list(paths)
     retain_freed_memory()  # this process only ingests: keeping freed heap speeds decoding up
     given = {"key_file": key_file, "source": source, "max_side": max_side, "frame_every": frame_every,
              "max_frames": max_frames, "apply_voi": apply_voi, "retain_device_identity": retain_device_identity,
