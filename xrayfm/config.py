@@ -19,6 +19,8 @@ from typing import Any, TypeVar, get_type_hints
 import yaml
 
 T = TypeVar("T")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class ConfigError(ValueError):
@@ -85,6 +87,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give outputs the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -32,6 +32,7 @@ class UserError(Exception):
 def _register() -> None:
     # One import per verb group; each module calls app.command()/app.add_typer() itself.
     from xrayfm.cli import version  # noqa: F401
+    from xrayfm.cli import data, synth  # noqa: F401
     from xrayfm.cli import anonymize  # noqa: F401
     from xrayfm.cli import decode  # noqa: F401
     from xrayfm.cli import ingest, lake  # noqa: F401

@@ -1,0 +1,120 @@
+"""One exposure of a scene (patient volume + implants) through one C-arm view -> image and labels."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from xrayfm.synth.anatomy import Vertebra
+from xrayfm.synth.geometry import View, collimator_mask, field_mask, pixel_rays, project, projection_matrix
+from xrayfm.synth.implants import Implant
+from xrayfm.synth.physics import Exposure, expose
+from xrayfm.synth.regions import classify_region, field_coverage
+from xrayfm.synth.render import PreparedVolume, line_integrals, truncated_rays
+
+END_ON_PX_AT_256 = 12.0
+
+
+@dataclass
+class Scene:
+    """A patient: attenuation volume, labelled group points (world), implants, default region."""
+
+    volume: PreparedVolume
+    group_points: dict[str, np.ndarray]
+    implants: list[Implant] = field(default_factory=list)
+    default_region: str = "thorax"
+    vertebrae: list[Vertebra] = field(default_factory=list)
+
+
+@dataclass
+class Rendered:
+    image: np.ndarray                  # float32 (H, W) in [0, 1], dense bright
+    mask: np.ndarray                   # bool (H, W): ray meets metal (inside the detector field)
+    screws: list[dict]
+    region: str
+    coverage: dict[str, float]
+
+
+def metal_integrals(implants: list[Implant], view: View, ss: int = 2) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Metal line integral (mean over ``ss`` x ``ss`` sub-pixel rays) and, per implant, the largest
+    sub-ray path length (mm) per pixel, so a pixel counts as metal when any part of it is."""
+    n = view.size
+    p = projection_matrix(view)
+    offsets = [((i + 0.5) / ss - 0.5, (j + 0.5) / ss - 0.5) for j in range(ss) for i in range(ss)]
+    rays = [pixel_rays(view, o) for o in offsets]
+    total = np.zeros((n, n))
+    per: list[np.ndarray] = []
+    for imp in implants:
+        path = np.zeros((n, n))
+        xy = project(p, imp.corners())
+        x0, y0 = np.floor(xy.min(0)).astype(int) - 1
+        x1, y1 = np.ceil(xy.max(0)).astype(int) + 1
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, n), min(y1, n)
+        if x1 > x0 and y1 > y0:
+            for src, dirs in rays:
+                sub = imp.path_length(src, dirs[y0:y1, x0:x1].reshape(-1, 3)).reshape(y1 - y0, x1 - x0)
+                total[y0:y1, x0:x1] += imp.mu * sub / len(rays)
+                path[y0:y1, x0:x1] = np.maximum(path[y0:y1, x0:x1], sub)
+        per.append(path)
+    return total, per
+
+
+def screw_label(imp: Implant, path: np.ndarray, view: View, visible_px: np.ndarray) -> dict:
+    """Head/tip points, box, visibility, projected angle/length and end-on flag of one screw."""
+    p = projection_matrix(view)
+    head, tip = project(p, np.stack([imp.head, imp.tip]))  # type: ignore[list-item]
+    dx, dy = tip - head
+    length = float(math.hypot(dx, dy))
+    angle = math.degrees(math.atan2(dy, dx))
+    if angle <= -180.0:
+        angle += 360.0
+    hit = (path > 0) & visible_px
+    if hit.any():
+        rows, cols = np.nonzero(hit)
+        box = [float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1)]
+    else:
+        n = view.size
+        lo, hi = np.clip(np.minimum(head, tip), 0, n), np.clip(np.maximum(head, tip), 0, n)
+        box = [float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])]
+    return {"head": [float(head[0]), float(head[1])], "tip": [float(tip[0]), float(tip[1])], "box": box,
+            "visible": bool(hit.any()), "end_on": length < END_ON_PX_AT_256 * view.size / 256.0,
+            "angle_deg": angle, "length_px": length, "material": imp.material}
+
+
+def fill_truncated(line_int: np.ndarray, truncated: np.ndarray) -> np.ndarray:
+    """Replace rays that cross the scan's cut ends by a smooth continuation of their neighbours.
+
+    Those pixels lie behind collimator blades (see :mod:`xrayfm.synth.views`) and the blades are
+    semi-transparent, so the missing tissue would otherwise show the CT's straight edge.
+    """
+    if not truncated.any():
+        return line_int
+    valid = (~truncated).astype(np.float32)
+    sigma = line_int.shape[0] / 12.0
+    num = cv2.GaussianBlur(line_int * valid, (0, 0), sigma)
+    den = cv2.GaussianBlur(valid, (0, 0), sigma)
+    fallback = float(np.median(line_int[~truncated])) if valid.any() else float(line_int.mean())
+    fill = np.where(den > 1e-3, num / np.maximum(den, 1e-3), fallback)
+    return np.where(truncated, fill, line_int).astype(np.float32)
+
+
+def render_scene(scene: Scene, view: View, exposure: Exposure, rng: np.random.Generator) -> Rendered:
+    """Render ``scene`` through ``view``: tissue + metal line integrals, detection, labels."""
+    tissue = fill_truncated(line_integrals(scene.volume, view), truncated_rays(scene.volume, view))
+    metal, paths = metal_integrals(scene.implants, view)
+    fld = field_mask(view)
+    beam = collimator_mask(view)
+    image = expose(tissue, metal, fld, beam, exposure, rng)
+    in_field = fld > 0.5
+    mask = (metal > 0) & in_field
+    exposed = in_field & (beam > 0.5)
+    screws = [screw_label(imp, path, view, exposed) for imp, path in zip(scene.implants, paths)
+              if imp.kind == "screw"]
+    p = projection_matrix(view)
+    pts = {g: project(p, w) for g, w in scene.group_points.items()}
+    coverage, offset = field_coverage(pts, exposed.astype(np.float32))
+    region = classify_region(coverage, offset, scene.default_region) if pts else scene.default_region
+    return Rendered(image=image, mask=mask, screws=screws, region=region, coverage=coverage)
