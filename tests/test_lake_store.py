@@ -129,6 +129,14 @@ def test_bad_lake_paths_give_one_line_errors(tmp_path) -> None:
         ensure_lake_meta(open_lake(str(tmp_path / "lk")), 512, "zstd-vdelta")
 
 
+def test_split_fractions_are_part_of_the_lake(tmp_path) -> None:
+    loc = open_lake(str(tmp_path / "lk"), create=True)
+    assert ensure_lake_meta(loc, 512, "zstd-vdelta", (0.6, 0.2, 0.2)) == (0.6, 0.2, 0.2)
+    assert ensure_lake_meta(loc, 512, "zstd-vdelta") == (0.6, 0.2, 0.2)  # a later ingest inherits them
+    with pytest.raises(LakeError, match="--split 0.6,0.2,0.2"):
+        ensure_lake_meta(loc, 512, "zstd-vdelta", (0.8, 0.1, 0.1))
+
+
 def test_verify_detects_a_flipped_byte(tmp_path, ankle: np.ndarray) -> None:
     lake = str(tmp_path / "lake")
     _make_lake(lake, ankle, 12)

@@ -12,6 +12,13 @@ from xrayfm.cli import UserError, app
 _Opt = typer.Option
 
 
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise UserError(f"--split {text!r}: give three fractions such as 0.8,0.1,0.1") from None
+
+
 @app.command("ingest")
 def ingest_cmd(
     paths: Annotated[list[str], typer.Argument(help="Source files or folders (then the lake last, unless "
@@ -31,6 +38,7 @@ def ingest_cmd(
     admit_burned_in: Annotated[bool | None, _Opt(
         "--admit-burned-in/--no-admit-burned-in",
         help="Admit images flagged as carrying burned-in annotation (pixels are NOT cleaned).")] = None,
+    split: Annotated[str | None, _Opt(help="Patient-level train,val,test fractions [0.8,0.1,0.1].")] = None,
     workers: Annotated[int | None, _Opt(help="Decode/encode processes [1].")] = None,
     shard_index: Annotated[int | None, _Opt(help="This node's index in a job array [0].")] = None,
     num_shards: Annotated[int | None, _Opt(help="Number of nodes in the job array [1].")] = None,
@@ -57,7 +65,8 @@ def ingest_cmd(
     given = {"key_file": key_file, "source": source, "max_side": max_side, "frame_every": frame_every,
              "max_frames": max_frames, "apply_voi": apply_voi, "retain_device_identity": retain_device_identity,
              "admit_burned_in": admit_burned_in, "workers": workers, "shard_index": shard_index,
-             "num_shards": num_shards, "rows_per_shard": rows_per_shard, "report_file": report_file}
+             "num_shards": num_shards, "rows_per_shard": rows_per_shard, "report_file": report_file,
+             "split_fractions": _fractions(split) if split is not None else None}
     overrides = {k: v for k, v in given.items() if v is not None}
     try:
         base = load_yaml(IngestConfig, config) if config else IngestConfig()

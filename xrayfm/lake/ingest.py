@@ -48,7 +48,7 @@ class IngestConfig:
     apply_voi: bool = False
     retain_device_identity: bool = False
     admit_burned_in: bool = False
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_fractions: tuple[float, float, float] | None = None  # None: the lake's, else 0.8/0.1/0.1
     workers: int = 1
     shard_index: int = 0
     num_shards: int = 1
@@ -63,8 +63,8 @@ class IngestConfig:
             (self.codec in CODECS, f"codec must be one of {sorted(CODECS)}, got {self.codec!r}"),
             (self.frame_every >= 1, f"frame_every must be >= 1, got {self.frame_every}"),
             (self.max_frames is None or self.max_frames >= 1, f"max_frames must be >= 1, got {self.max_frames}"),
-            (len(self.split_fractions) == 3 and min(self.split_fractions) >= 0
-             and abs(sum(self.split_fractions) - 1) < 1e-6,
+            (self.split_fractions is None or (len(self.split_fractions) == 3 and min(self.split_fractions) >= 0
+             and abs(sum(self.split_fractions) - 1) < 1e-6),
              f"split_fractions must be 3 non-negative numbers summing to 1, got {self.split_fractions}"),
             (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
             (self.num_shards >= 1 and 0 <= self.shard_index < self.num_shards,
@@ -186,7 +186,7 @@ def ingest(sources: list[str], lake: str, config: IngestConfig | None = None,
     jobs = list_jobs(sources, cfg.shard_index, cfg.num_shards)
     key = load_or_create_key(cfg.key_file)
     loc = open_lake(lake, create=True)
-    ensure_lake_meta(loc, cfg.max_side, cfg.codec)
+    fractions = ensure_lake_meta(loc, cfg.max_side, cfg.codec, cfg.split_fractions)
     known = {v for (v,) in column_values(loc, IMAGES_DIR, ["source_pixel_hash"])}
     recorded = set(column_values(loc, QUARANTINE_DIR, ["path_key", "reason"]))
     started = datetime.now(timezone.utc).replace(microsecond=0)
@@ -197,7 +197,7 @@ def ingest(sources: list[str], lake: str, config: IngestConfig | None = None,
     options = AnonymizationOptions(retain_device_identity=cfg.retain_device_identity,
                                    admit_burned_in=cfg.admit_burned_in)
     ctx = RowContext(cfg.max_side, cfg.codec, FrameSampling(cfg.frame_every, cfg.max_frames), cfg.apply_voi,
-                     cfg.retain_device_identity, cfg.source, tuple(cfg.split_fractions), started)
+                     cfg.retain_device_identity, cfg.source, fractions, started)
     summary = IngestSummary(run_id=run_id, files=len(jobs))
     rejected: Counter[str] = Counter()
     report_lines: list[str] = []

@@ -18,6 +18,7 @@ import json
 import os
 import posixpath
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,13 +92,25 @@ def open_lake(url: str, create: bool = False) -> LakeLocation:
     return loc
 
 
-def ensure_lake_meta(loc: LakeLocation, max_side: int, codec: str) -> None:
-    """Create ``lake.json`` or check that this ingest matches the existing lake's settings."""
+DEFAULT_SPLIT = (0.8, 0.1, 0.1)
+
+
+def ensure_lake_meta(loc: LakeLocation, max_side: int, codec: str,
+                     split_fractions: Sequence[float] | None = None) -> tuple[float, float, float]:
+    """Create ``lake.json`` or check that this ingest matches the existing lake's settings.
+
+    Returns the train/val/test fractions to use: the lake's own when none are given. They are
+    part of the lake: with other fractions a patient ingested again could land in another split
+    and leak between train and test.
+    """
     meta = loc.read_meta()
-    want = {"format": LAKE_FORMAT, "max_side": max_side, "codec": codec}
+    given = None if split_fractions is None else [float(f) for f in split_fractions]
+    recorded = None if meta is None else meta.get("split_fractions")
+    fractions = given or recorded or list(DEFAULT_SPLIT)
+    want = {"format": LAKE_FORMAT, "max_side": max_side, "codec": codec, "split_fractions": fractions}
     if meta is None:
         loc.put_atomic(LAKE_META, json.dumps(want, indent=2).encode())
-        return
+        return tuple(fractions)
     if meta.get("format") != LAKE_FORMAT:
         raise LakeError(f"{loc.url} has lake format {meta.get('format')}, this xrayfm writes {LAKE_FORMAT}")
     if meta.get("max_side") != max_side:
@@ -105,6 +118,13 @@ def ensure_lake_meta(loc: LakeLocation, max_side: int, codec: str) -> None:
             f"{loc.url} stores images at max side {meta.get('max_side')}, not {max_side}; "
             f"pass --max-side {meta.get('max_side')} or ingest into a new lake"
         )
+    have = recorded or list(DEFAULT_SPLIT)
+    if have != fractions:
+        raise LakeError(
+            f"{loc.url} assigns patients to train/val/test with fractions {have}, not "
+            f"{fractions}; leave out --split (or pass --split {','.join(map(str, have))}) or ingest into a new lake"
+        )
+    return tuple(fractions)
 
 
 def _writer_options(schema: pa.Schema) -> dict[str, Any]:
