@@ -36,6 +36,10 @@ def _register() -> None:
     from xrayfm.cli import anonymize  # noqa: F401
     from xrayfm.cli import decode  # noqa: F401
     from xrayfm.cli import ingest, lake  # noqa: F401
+    from xrayfm.cli import pretrain  # noqa: F401
+    from xrayfm.cli import heads  # noqa: F401
+    from xrayfm.cli import predict, report, serve  # noqa: F401
+    from xrayfm.cli import demo  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,86 @@
+"""Test data for the heads: real radiograph crops (pydicom-data CR) with painted metal screws.
+
+Each screw is a bright rod from ``head`` to ``tip`` with a wider disc at the head, so its
+direction is visible; the mask is every painted pixel. Truth is therefore exact and known.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from xrayfm.tasks.data import LabeledImage
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on the shared 2-core machine two contending threads ran ~5x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@functools.lru_cache(maxsize=4)
+def radiograph(name: str = "RG1_UNCR.dcm", side: int = 384) -> np.ndarray:
+    """A real CR radiograph, MONOCHROME1 inverted, in [0, 1], longest side ``side`` px."""
+    data = pytest.importorskip("pydicom.data", reason="pydicom-data is needed for real radiographs")
+    try:
+        path = data.get_testdata_file(name)
+    except Exception as exc:  # noqa: BLE001 - any lookup failure means the file is unavailable
+        pytest.skip(f"pydicom-data file {name} unavailable: {exc}")
+    if path is None:
+        pytest.skip(f"pydicom-data file {name} unavailable (pip install pydicom-data)")
+    ds = pydicom.dcmread(path)
+    a = ds.pixel_array.astype(np.float32)
+    a = (a - a.min()) / max(float(np.ptp(a)), 1.0)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        a = 1.0 - a
+    import cv2
+
+    f = side / max(a.shape)
+    return cv2.resize(a, (round(a.shape[1] * f), round(a.shape[0] * f)), interpolation=cv2.INTER_AREA)
+
+
+def paint_screw(img: np.ndarray, mask: np.ndarray, head: tuple[float, float], tip: tuple[float, float],
+                width: float = 2.0, head_radius: float = 3.5) -> None:
+    """Paint a rod (half-width ``width``) and a head disc in place; pixel centres at +0.5."""
+    h, w = img.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64) + 0.5
+    p = np.stack([xx, yy], -1)
+    a, b = np.asarray(head, float), np.asarray(tip, float)
+    ab = b - a
+    t = np.clip(((p - a) @ ab) / max(ab @ ab, 1e-9), 0, 1)
+    dist = np.linalg.norm(p - (a + t[..., None] * ab), axis=-1)
+    on = (dist <= width) | (np.linalg.norm(p - a, axis=-1) <= head_radius)
+    img[on] = 0.98
+    mask |= on
+
+
+def rod_item(seed: int, size: int = 64, n_max: int = 2, image: str = "RG1_UNCR.dcm",
+             split: str = "train") -> LabeledImage:
+    """A random ``size`` px crop of a real radiograph with 0..n_max painted screws."""
+    rng = np.random.default_rng(seed)
+    base = radiograph(image)
+    y0 = int(rng.integers(0, base.shape[0] - size))
+    x0 = int(rng.integers(0, base.shape[1] - size))
+    img = base[y0:y0 + size, x0:x0 + size].copy()
+    mask = np.zeros_like(img, dtype=bool)
+    screws = []
+    for _ in range(int(rng.integers(0, n_max + 1))):
+        c = rng.uniform(0.3 * size, 0.7 * size, 2)
+        ang = rng.uniform(-np.pi, np.pi)
+        half = rng.uniform(0.12, 0.25) * size
+        head = c - half * np.array([np.cos(ang), np.sin(ang)])
+        tip = c + half * np.array([np.cos(ang), np.sin(ang)])
+        paint_screw(img, mask, tuple(head), tuple(tip))
+        screws.append({"head": head.tolist(), "tip": tip.tolist(), "end_on": False,
+                       "box": [*np.minimum(head, tip).tolist(), *np.maximum(head, tip).tolist()]})
+    return LabeledImage(image=img.astype(np.float32), image_id=f"rod{seed}", split=split,
+                        region_index=0 if image.startswith("RG1") else 1, mask=mask, screws=screws,
+                        pixel_spacing_mm=0.5)

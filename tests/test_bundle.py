@@ -1,0 +1,135 @@
+"""Model bundle: built from a real exported backbone and heads trained with the real training code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tasks_rods import radiograph, rod_item
+
+from xrayfm.models.backbones import create_backbone
+from xrayfm.models.bundle import ModelBundle, joint_features, screw_mm
+from xrayfm.models.card import export_backbone, load_backbone
+from xrayfm.tasks.base import get_task
+from xrayfm.tasks.train import HeadTrainConfig, head_arguments, save_head_bundle, train_head
+
+SIZE = 64
+
+
+def build_tiny_bundle(
+    root: Path, tasks: tuple[str, ...] = ("classify", "segment", "detect"), arch: str = "vit_tiny_patch16"
+) -> Path:
+    """Random-init ``arch`` exported with export_backbone + heads trained 2 epochs on painted rods."""
+    torch.manual_seed(0)
+    bb_dir = root / "backbone"
+    export_backbone(create_backbone(arch, img_size=SIZE), bb_dir, SIZE, extra={"method": "random_init"})
+    backbone, card = load_backbone(str(bb_dir))
+    items = [rod_item(i, size=SIZE, image="RG1_UNCR.dcm" if i % 2 else "RG3_UNCR.dcm") for i in range(8)]
+    heads = []
+    for task in tasks:
+        cfg = HeadTrainConfig(task=task, img_size=SIZE, epochs=2, batch_size=8, head_width=16)
+        head, history = train_head(backbone, items, cfg)
+        heads.append(
+            save_head_bundle(
+                root / f"head_{task}", head, cfg, backbone, card, history, head_arguments(get_task(task), cfg)
+            )
+        )
+    return ModelBundle.create(bb_dir, heads, root / "bundle")
+
+
+def real_image(name: str, side: int) -> np.ndarray:
+    """A real CR radiograph in [0, 1] (area resizing may overshoot 1 by an ulp)."""
+    return np.clip(radiograph(name, side=side), 0.0, 1.0)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+def test_bundle_folder_and_card(bundle_dir: Path) -> None:
+    card = json.loads((bundle_dir / "bundle.json").read_text())
+    assert card["input_size"] == SIZE and card["arch"] == "vit_tiny_patch16"
+    assert set(card["heads"]) == {"classify", "segment", "detect"}
+    assert card["class_names"][0] == "head" and len(card["class_names"]) == 11
+    for task in card["heads"]:
+        assert (bundle_dir / "heads" / task / "head.safetensors").is_file()
+    b = ModelBundle.load(bundle_dir)
+    assert b.card()["heads"] == {"classify": "linear", "segment": "seg_decoder", "detect": "screw_keypoints"}
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16", "resnet18"])
+def test_joint_features_equal_separate_calls(arch: str) -> None:
+    torch.manual_seed(0)
+    bb = create_backbone(arch, img_size=SIZE).eval()
+    x = torch.rand(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        pooled, dense = joint_features(bb, x)
+        assert torch.allclose(pooled, bb(x), atol=1e-5)
+        for a, b in zip(dense, bb.forward_dense(x)):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_predict_maps_back_to_original_size(bundle_dir: Path) -> None:
+    b = ModelBundle.load(bundle_dir)
+    img = real_image("RG1_UNCR.dcm", 200)  # not square, not the input size
+    calls = []
+    b.backbone.model.patch_embed.register_forward_hook(lambda *_: calls.append(1))
+    out = b.predict([img, img[:90, :70].copy()], pixel_spacing=[(0.2, 0.1), None], return_embedding=True)
+    assert len(calls) == 1  # one backbone pass served all three heads for the batch
+    r0, r1 = out
+    assert (r0["height"], r0["width"]) == img.shape and (r1["height"], r1["width"]) == (90, 70)
+    assert r0["metal_mask"].shape == img.shape and r1["metal_probability"].shape == (90, 70)
+    assert r0["metal_mask"].dtype == bool and 0 <= r0["metal_probability"].min() <= 1
+    assert {t["region"] for t in r0["top3"]} <= set(b.class_names)
+    assert abs(sum(r0["probabilities"].values()) - 1) < 1e-4
+    p = [t["probability"] for t in r0["top3"]]
+    assert p == sorted(p, reverse=True)
+    assert len(r0["embedding"]) == b.backbone.embed_dim
+    h, w = img.shape
+    for s in r0["screws"]:
+        for x, y in (s["head"], s["tip"]):
+            assert -1 <= x <= w + 1 and -1 <= y <= h + 1
+        assert "length_mm" in s and s["confidence"] > 0
+    assert all("length_mm" not in s for s in r1["screws"])
+
+
+def test_predict_matches_a_single_image_call(bundle_dir: Path) -> None:
+    b = ModelBundle.load(bundle_dir)
+    a, c = real_image("RG1_UNCR.dcm", 128), real_image("RG3_UNCR.dcm", 96)
+    both = b.predict([a, c])
+    alone = b.predict([c])
+    assert both[1]["top3"][0]["index"] == alone[0]["top3"][0]["index"]
+    assert np.allclose(both[1]["metal_probability"], alone[0]["metal_probability"], atol=1e-4)
+
+
+def test_screw_mm_uses_row_col_spacing() -> None:
+    s = screw_mm({"head": [10.0, 0.0], "tip": [10.0, 20.0]}, (0.5, 2.0))
+    assert s["head_mm"] == [20.0, 0.0] and s["tip_mm"] == [20.0, 10.0] and s["length_mm"] == 10.0
+
+
+def test_bundle_subset_and_errors(tmp_path: Path, bundle_dir: Path) -> None:
+    sub = ModelBundle.create(bundle_dir, [bundle_dir / "heads" / "segment"], tmp_path / "seg_only")
+    b = ModelBundle.load(sub)
+    r = b.predict([real_image("RG3_UNCR.dcm", 80)])[0]
+    assert "metal_mask" in r and "top3" not in r and "screws" not in r
+    with pytest.raises(ValueError, match="mask_threshold must lie in"):
+        ModelBundle.create(bundle_dir, [bundle_dir / "heads" / "segment"], tmp_path / "t", mask_threshold=1.5)
+    with pytest.raises(ValueError, match="two segment heads"):
+        ModelBundle.create(bundle_dir, [bundle_dir / "heads" / "segment"] * 2, tmp_path / "x")
+    other = tmp_path / "other_bb"
+    export_backbone(create_backbone("vit_tiny_patch16", img_size=SIZE), other, SIZE)
+    with pytest.raises(ValueError, match="other backbone weights"):
+        ModelBundle.create(other, [bundle_dir / "heads" / "segment"], tmp_path / "y")
+    with pytest.raises(FileNotFoundError, match="not a model bundle"):
+        ModelBundle.load(tmp_path)
+    with pytest.raises(ValueError, match="not a torch device"):
+        ModelBundle.load(sub, device="tpu7")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            ModelBundle.load(sub, device="cuda")
+    with pytest.raises(ValueError, match="values must lie in"):
+        b.predict([np.full((8, 8), 2.0, np.float32)])

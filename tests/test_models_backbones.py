@@ -1,0 +1,184 @@
+"""Backbone registry: shapes, normalisation, RGB->gray weight folding, export/load round trip."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from xrayfm.models import create_backbone, export_backbone, list_backbones, load_backbone
+from xrayfm.models.backbones import read_state_dict
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def real_xray(size: int) -> torch.Tensor:
+    """The pydicom-data ankle radiograph RG3 as a (1, 1, size, size) tensor in [0, 1]."""
+    cv2 = pytest.importorskip("cv2")
+    pydicom = pytest.importorskip("pydicom")
+    data = pytest.importorskip("pydicom.data")
+    arr = pydicom.dcmread(data.get_testdata_file("RG3_UNCR.dcm")).pixel_array.astype(np.float32)
+    arr = (arr - arr.min()) / (arr.max() - arr.min())
+    arr = cv2.resize(arr, (size, size), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(np.clip(arr, 0, 1))[None, None]
+
+
+def test_registry_lists_the_six_backbones() -> None:
+    expected = {"vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16", "vit_small_patch8",
+                "resnet18", "resnet50"}
+    assert expected <= set(list_backbones())
+    with pytest.raises(ValueError, match="unknown backbone"):
+        create_backbone("vit_huge_nonsense")
+
+
+@pytest.mark.parametrize("size", [(64, 64), (32, 48), (96, 96)])
+def test_vit_pooled_and_dense_shapes_any_size(size: tuple[int, int]) -> None:
+    bb = create_backbone("vit_tiny_patch16", img_size=64).eval()
+    x = torch.rand(2, 1, *size)
+    with torch.no_grad():
+        pooled = bb(x)
+        dense = bb.forward_dense(x)
+    assert pooled.shape == (2, bb.embed_dim) == (2, 192)
+    assert len(dense) == len(bb.dense_channels) == len(bb.dense_strides) == 4
+    for fmap, c, s in zip(dense, bb.dense_channels, bb.dense_strides):
+        assert fmap.shape == (2, c, size[0] // s, size[1] // s)
+    assert bb.dense_indices == [2, 5, 8, 11]
+    assert torch.isfinite(pooled).all()
+
+
+def test_vit_rejects_bad_input() -> None:
+    bb = create_backbone("vit_tiny_patch16", img_size=64)
+    with pytest.raises(ValueError, match="divisible by the patch size"):
+        bb(torch.rand(1, 1, 40, 64))
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        bb(torch.rand(1, 3, 64, 64))
+
+
+def test_resnet_pooled_and_dense_shapes() -> None:
+    bb = create_backbone("resnet18").eval()
+    x = torch.rand(2, 1, 64, 96)
+    with torch.no_grad():
+        pooled = bb(x)
+        dense = bb.forward_dense(x)
+    assert pooled.shape == (2, 512)
+    assert bb.dense_strides == [4, 8, 16, 32] and bb.dense_channels == [64, 128, 256, 512]
+    for fmap, c, s in zip(dense, bb.dense_channels, bb.dense_strides):
+        assert fmap.shape == (2, c, 64 // s, 96 // s)
+
+
+def test_normalisation_is_inside_the_model() -> None:
+    bb = create_backbone("resnet18").eval()
+    x = real_xray(64)
+    with torch.no_grad():
+        direct = bb.model((x - 0.5) / 0.25)
+        assert torch.allclose(bb(x), direct, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,timm_name,prefix", [
+    ("vit_tiny_patch16", "vit_tiny_patch16_224", "module.backbone."),
+    ("resnet18", "resnet18", "teacher."),
+])
+def test_rgb_weights_fold_to_gray_exactly(tmp_path: Path, arch: str, timm_name: str, prefix: str) -> None:
+    """Folded 1-channel weights on a gray image == the RGB model on that image replicated 3x."""
+    torch.manual_seed(0)
+    kwargs = {"img_size": 224} if arch.startswith("vit") else {}
+    rgb = timm.create_model(timm_name, pretrained=False, in_chans=3, num_classes=10, **kwargs).eval()
+    ckpt = tmp_path / "rgb.pth"
+    torch.save({"teacher": {prefix + k: v for k, v in rgb.state_dict().items()}}, ckpt)
+    gray = create_backbone(arch, img_size=112 if arch.startswith("vit") else 224,
+                           pretrained_path=str(ckpt)).eval()
+    x = real_xray(112)
+    with torch.no_grad():
+        ours = gray(x)
+        ref_in = ((x - 0.5) / 0.25).repeat(1, 3, 1, 1)
+        if arch.startswith("vit"):
+            rgb.set_input_size(img_size=112)  # same bicubic pos-embed resize as our loader
+            ref = rgb.forward_features(ref_in)[:, 0]
+        else:
+            ref = rgb.forward_head(rgb.forward_features(ref_in), pre_logits=True)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()
+
+
+def test_load_pretrained_reports_mismatch(tmp_path: Path) -> None:
+    other = timm.create_model("resnet50", pretrained=False, in_chans=3, num_classes=0)
+    ckpt = tmp_path / "r50.pth"
+    torch.save(other.state_dict(), ckpt)
+    with pytest.raises(ValueError, match="do not fit backbone resnet18"):
+        create_backbone("resnet18", pretrained_path=str(ckpt))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        create_backbone("resnet18", pretrained_path=str(tmp_path / "nope.pth"))
+    torch.save({"args": argparse.Namespace(lr=1.0), "teacher": other.state_dict()}, tmp_path / "full.pth")
+    with pytest.raises(ValueError, match="state dict alone"):
+        create_backbone("resnet50", pretrained_path=str(tmp_path / "full.pth"))
+
+
+def test_safetensors_weights_load(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    src = create_backbone("vit_tiny_patch16", img_size=64)
+    save_file({"backbone." + k: v.contiguous() for k, v in src.model.state_dict().items()},
+              str(tmp_path / "w.safetensors"))
+    assert "cls_token" in {k.split(".", 1)[1] for k in read_state_dict(tmp_path / "w.safetensors")}
+    dst = create_backbone("vit_tiny_patch16", img_size=64, pretrained_path=str(tmp_path / "w.safetensors"))
+    x = real_xray(64)
+    with torch.no_grad():
+        assert torch.equal(src.eval()(x), dst.eval()(x))
+
+
+def test_export_then_load_backbone_gives_same_outputs(tmp_path: Path) -> None:
+    bb = create_backbone("vit_tiny_patch16", img_size=64).eval()
+    export_backbone(bb, tmp_path / "bundle", img_size=64, extra={"method": "dino"})
+    card = json.loads((tmp_path / "bundle" / "model_card.json").read_text())
+    assert card["in_chans"] == 1 and card["arch"] == "vit_tiny_patch16" and card["patch_size"] == 16
+    loaded, card2 = load_backbone(str(tmp_path / "bundle"))
+    assert card2["method"] == "dino" and card2["embed_dim"] == 192
+    x = real_xray(64)
+    with torch.no_grad():
+        assert torch.equal(bb(x), loaded(x))
+        for a, b in zip(bb.forward_dense(x), loaded.forward_dense(x)):
+            assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="model_card.json"):
+        load_backbone(str(tmp_path))
+    # a bundle / run folder is also a valid --init: continue pretraining from it
+    again = create_backbone("vit_tiny_patch16", img_size=64, pretrained_path=str(tmp_path / "bundle")).eval()
+    with torch.no_grad():
+        assert torch.equal(bb(x), again(x))
+
+
+def test_vit_under_cpu_autocast_keeps_attention_fp32_and_matches() -> None:
+    """bf16 autocast: projections in bf16, attention core in fp32; result close to fp32."""
+    bb = create_backbone("vit_tiny_patch16", img_size=64).eval()
+    x = real_xray(64)
+    seen: list[torch.dtype] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(q.dtype)
+        return sdpa(q, *args, **kwargs)
+
+    qkv_dtypes: list[torch.dtype] = []
+    bb.model.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: qkv_dtypes.append(o.dtype))
+    with torch.no_grad():
+        ref = bb(x)
+        torch.nn.functional.scaled_dot_product_attention = spy
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = bb(x)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+    assert seen and set(seen) == {torch.float32}
+    assert qkv_dtypes == [torch.float32, torch.bfloat16]
+    cos = torch.nn.functional.cosine_similarity(low.float(), ref).item()
+    assert cos > 0.99, cos

@@ -1,0 +1,193 @@
+"""The pretraining loop on real radiographs: learning, outputs, exact resume, DDP, export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import IterableDataset
+
+from xrayfm.config import ConfigError
+from xrayfm.models import load_backbone
+from xrayfm.ssl import PretrainConfig, Trainer, train
+from xrayfm.ssl.checkpoint import load_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray"
+
+
+def real_xrays(n: int, size: int = 64) -> list[dict[str, torch.Tensor]]:
+    """``n`` items {"image": (1, size, size) in [0, 1]} cut from real radiographs.
+
+    pydicom-data's chest (RG1, MONOCHROME1) and ankle (RG3), plus the team's PNGs when present;
+    each source image gives several different square tiles so ``n`` can exceed the file count.
+    """
+    cv2 = pytest.importorskip("cv2")
+    pydicom = pytest.importorskip("pydicom")
+    data = pytest.importorskip("pydicom.data")
+    sources = []
+    for name in ("RG1_UNCR.dcm", "RG3_UNCR.dcm"):
+        ds = pydicom.dcmread(data.get_testdata_file(name))
+        arr = ds.pixel_array.astype(np.float32)
+        arr = (arr - arr.min()) / (arr.max() - arr.min())
+        sources.append(1.0 - arr if ds.PhotometricInterpretation == "MONOCHROME1" else arr)
+    for png in sorted(SHARED.glob("*.png")) if SHARED.is_dir() else []:
+        sources.append(cv2.imread(str(png), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0)
+    items = []
+    for i in range(n):
+        img = sources[i % len(sources)]
+        h, w = img.shape
+        side = min(h, w) * (1.0 - 0.1 * (i // len(sources) % 4))
+        top, left = int((h - side) * 0.5), int((w - side) * ((i // len(sources)) % 3) / 2)
+        tile = img[top:top + int(side), left:left + int(side)]
+        tile = cv2.resize(tile, (size, size), interpolation=cv2.INTER_AREA)
+        items.append({"image": torch.from_numpy(np.clip(tile, 0, 1))[None]})
+    return items
+
+
+def tiny_cfg(**kw: object) -> PretrainConfig:
+    base = dict(arch="vit_tiny_patch16", global_size=32, local_size=16, n_local=2, out_dim=64,
+                hidden_dim=64, bottleneck_dim=16, batch_size=4, epochs=2, warmup_epochs=0.5,
+                num_workers=0, log_every=1, checkpoint_every=100, drop_path_rate=0.1, precision="fp32")
+    base.update(kw)
+    return PretrainConfig(**base)  # type: ignore[arg-type]
+
+
+def test_steps_on_a_fixed_batch_reduce_the_loss(tmp_path: Path) -> None:
+    items = real_xrays(8)
+    trainer = Trainer(tiny_cfg(base_lr=0.05, drop_path_rate=0.0, freeze_last_layer_epochs=0), tmp_path,
+                      items, show_progress=False)
+    views = [trainer.transform(it["image"], torch.Generator().manual_seed(i))
+             for i, it in enumerate(items[:4])]
+    batch = trainer.method.collate(views)
+    losses = [trainer.train_step(batch)["loss"] for _ in range(8)]
+    assert all(math.isfinite(v) for v in losses)
+    assert np.mean(losses[-3:]) < losses[0] - 0.05, losses
+
+
+def test_fit_writes_run_folder_and_exports_backbone(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_cfg(), tmp_path, real_xrays(8), show_progress=False)
+    summary = trainer.fit()
+    assert summary.steps == summary.total_steps == 4 and math.isfinite(summary.loss)
+    for name in ("config.yaml", "run.json", "checkpoint.pth", "metrics.jsonl", "backbone.safetensors",
+                 "model_card.json"):
+        assert (tmp_path / name).is_file(), name
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "momentum", "teacher_entropy", "kl", "images_per_s"):
+        assert all(math.isfinite(r[key]) for r in records), key
+    assert records[-1]["momentum"] == pytest.approx(1.0)
+    model, card = load_backbone(str(tmp_path))
+    assert card["method"] == "dino" and card["training_data"]["n_images"] == 8 and card["finished"]
+    x = real_xrays(1, 32)[0]["image"][None]
+    teacher = trainer.method.trained_backbone().eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), teacher(x), atol=1e-6)
+
+
+def test_resume_continues_to_the_same_weights(tmp_path: Path) -> None:
+    items = real_xrays(12)  # 3 steps per epoch: the "crash" at step 2 is mid-epoch
+    straight = train(tiny_cfg(max_steps=4), tmp_path / "a", items, show_progress=False)
+    train(tiny_cfg(max_steps=2), tmp_path / "b", items, show_progress=False)
+    resumed = train(tiny_cfg(max_steps=4), tmp_path / "b", items, resume=True, show_progress=False)
+    assert straight.steps == resumed.steps == 4 and resumed.resumed_from == 2
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pth")
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pth")
+    assert (a["epoch"], a["step_in_epoch"]) == (b["epoch"], b["step_in_epoch"]) == (1, 1)
+    for key, value in a["method"].items():
+        assert torch.allclose(value, b["method"][key], atol=1e-6, rtol=0), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    again = train(tiny_cfg(max_steps=4), tmp_path / "b", items, show_progress=False)  # nothing left to do
+    assert again.steps == 4 and again.loss == pytest.approx(resumed.loss)
+    with pytest.raises(ConfigError, match="out_dim"):
+        train(tiny_cfg(out_dim=32, max_steps=5), tmp_path / "b", items, show_progress=False)
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(tiny_cfg(), tmp_path / "c", items, resume=True, show_progress=False)
+
+
+def test_max_steps_zero_exports_the_initial_weights(tmp_path: Path) -> None:
+    """``--max-steps 0`` is how the random-init baseline is made: same seed, same weights,
+    and different from the weights after a few steps."""
+    items = real_xrays(8)
+    for name, steps in (("a", 0), ("b", 0), ("c", 3)):  # step 0 has lr 0 (warm-up)
+        train(tiny_cfg(max_steps=steps), tmp_path / name, items, show_progress=False)
+    weights = {n: load_backbone(str(tmp_path / n))[0].state_dict() for n in "abc"}
+    assert json.loads((tmp_path / "a" / "model_card.json").read_text())["steps"] == 0
+    assert all(torch.equal(weights["a"][k], weights["b"][k]) for k in weights["a"])
+    assert any(not torch.equal(weights["a"][k], weights["c"][k]) for k in weights["a"])
+
+
+def test_resnet18_bf16_steps_are_finite(tmp_path: Path) -> None:
+    cfg = tiny_cfg(arch="resnet18", global_size=64, local_size=32, precision="auto", max_steps=2)
+    trainer = Trainer(cfg, tmp_path, real_xrays(8), show_progress=False)
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    assert trainer.amp_dtype == expected
+    summary = trainer.fit()
+    assert summary.steps == 2 and math.isfinite(summary.loss)
+    _, card = load_backbone(str(tmp_path))
+    assert card["dense_strides"] == [4, 8, 16, 32] and not card["finished"]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer = Trainer(tiny_cfg(max_steps=2), Path(out) / "run", real_xrays(16), show_progress=False)
+    trainer.fit()
+    state = {k: v.detach().clone() for k, v in trainer.method.state_dict().items()}
+    torch.save(state, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_stay_in_sync(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    for key in r0:
+        assert torch.equal(r0[key], r1[key]), key
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
+    assert ckpt["world"] == 2 and ckpt["step"] == 2 and len(ckpt["rng"]) == 2
+    # each rank saw different images, so the all-reduced centre differs from one rank's own mean
+    assert r0["criterion.center"].abs().sum() > 0
+
+
+class _Stream(IterableDataset):
+    """An iterable source without len(), like a remote stream."""
+
+    def __init__(self, items: list[dict[str, torch.Tensor]]) -> None:
+        self.items = items
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        yield from self.items
+
+
+def test_iterable_source_without_len(tmp_path: Path) -> None:
+    items = real_xrays(8)
+    with pytest.raises(ConfigError, match="steps_per_epoch"):
+        Trainer(tiny_cfg(), tmp_path / "a", _Stream(items), show_progress=False)
+    summary = train(tiny_cfg(steps_per_epoch=2, epochs=1), tmp_path / "b", _Stream(items),
+                    show_progress=False)
+    assert summary.steps == 2 and math.isfinite(summary.loss)
+    with pytest.raises(ConfigError, match="data ended after 2 batches"):
+        train(tiny_cfg(steps_per_epoch=3, epochs=1), tmp_path / "c", _Stream(items), show_progress=False)

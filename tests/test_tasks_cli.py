@@ -1,0 +1,102 @@
+"""CLI end to end on real project data paths: phantom CT -> synth run -> lake -> heads -> metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tasks_rods import one_thread  # noqa: F401  (autouse fixture)
+
+from xrayfm.cli import main
+from xrayfm.lake import read_rows
+from xrayfm.lake.ingest import IngestConfig, ingest
+from xrayfm.models import create_backbone, export_backbone
+from xrayfm.privacy import load_or_create_key
+from xrayfm.synth.generate import SynthConfig, generate
+from xrayfm.synth.phantom import make_phantom
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synth run of 24 images, ingested into a lake, and a random-init resnet18 bundle."""
+    root = tmp_path_factory.mktemp("heads_cli")
+    vol = make_phantom(voxel_mm=3.0)
+    nib.save(nib.Nifti1Image(vol.hu, vol.affine), root / "ct.nii.gz")
+    nib.save(nib.Nifti1Image(vol.labels, vol.affine), root / "seg.nii.gz")
+    with (root / "structures.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["group", "original_idx", "structure", "id"])
+        w.writerows(["x", lid, name, lid] for lid, name in vol.label_names.items())
+    generate(SynthConfig(out=str(root / "synth"), ct=str(root / "ct.nii.gz"), labels=str(root / "seg.nii.gz"),
+                         n=24, size=64, seed=3, screws=(2, 4), images_per_study=2, series_per_study=1,
+                         voxel_mm=3.0))
+    load_or_create_key(root / "k.key")
+    ingest([str(root / "synth" / "dicom")], str(root / "lake"),
+           IngestConfig(key_file=str(root / "k.key"), max_side=64, split_fractions=(0.5, 0.25, 0.25)))
+    torch.manual_seed(0)
+    export_backbone(create_backbone("resnet18", img_size=64), root / "bb", 64, extra={"method": "random"})
+    return root
+
+
+def _common(w: Path) -> list[str]:
+    return ["--backbone", str(w / "bb"), "--lake", str(w / "lake"), "--labels", str(w / "synth")]
+
+
+def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    splits = read_rows(str(world / "lake"), columns=["split"]).column("split").to_pylist()
+    assert splits.count("train") >= 8 and splits.count("val") >= 2
+    for task in ("classify", "segment", "detect"):
+        fraction = ["--label-fraction", "0.5"] if task == "classify" else []
+        with pytest.raises(SystemExit) as exc:
+            main(["heads", "train", "--task", task, *_common(world), "--out", str(world / task),
+                  "--epochs", "2", "--img-size", "64", "--batch-size", "8", *fraction])
+        assert exc.value.code == 0
+        assert f"trained {task} head" in capsys.readouterr().out
+        card = json.loads((world / task / "head.json").read_text())
+        assert card["task"] == task and card["backbone"]["arch"] == "resnet18"
+        assert (world / task / "config.yaml").is_file() and (world / task / "metrics_val.json").is_file()
+        n_train = json.loads((world / task / "run.json").read_text())["n_train"]
+        assert n_train < splits.count("train") if fraction else n_train == splits.count("train")
+    out = world / "eval" / "metrics.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", *_common(world), "--split", "val", "--out", str(out), "--classical",
+              *[a for t in ("classify", "segment", "detect") for a in ("--heads", str(world / t))]])
+    assert exc.value.code == 0
+    doc = json.loads(out.read_text())
+    assert set(doc["classification"]) >= {"accuracy", "precision_macro", "recall_macro", "f1_macro",
+                                          "top3_accuracy", "knn_accuracy"}
+    assert set(doc["classification"]["baselines"]) == {"knn", "pca_svm_features", "pca_svm_pixels"}
+    assert set(doc["segmentation"]) >= {"dice_mean", "iou_mean"}
+    assert set(doc["detection"]) >= {"precision", "recall", "ap", "head_error_px", "tip_error_px",
+                                     "angle_error_deg"}
+    assert doc["backbone"] == {"arch": "resnet18", "method": "random", "checkpoint": str(world / "bb")}
+    assert 0.0 <= doc["segmentation"]["dice_mean"] <= 1.0
+    assert (world / "eval" / "metrics_run" / "config.yaml").is_file()
+    emb = world / "emb.parquet"
+    with pytest.raises(SystemExit) as exc:
+        main(["embed", "--backbone", str(world / "bb"), "--lake", str(world / "lake"), "--out", str(emb)])
+    assert exc.value.code == 0
+    table = pq.read_table(emb)
+    assert table.num_rows == len(splits) and len(table.column("embedding")[0]) == 512
+    assert json.loads(table.schema.metadata[b"xrayfm"])["arch"] == "resnet18"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "dance"], "unknown task 'dance'"),
+    (["--task", "segment", "--labels", "/nonexistent/labels.parquet"], "no labels file"),
+    (["--task", "segment", "--img-size", "50"], "multiple of 32"),
+])
+def test_train_bad_input_is_one_line(world: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                     message: str) -> None:
+    base = _common(world)
+    if "--labels" in args:
+        base = base[:4]
+    with pytest.raises(SystemExit) as exc:
+        main(["heads", "train", *base, *args, "--out", str(world / "bad")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and message in err[0]

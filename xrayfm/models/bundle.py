@@ -1,0 +1,307 @@
+"""Model bundle: one folder holding everything predict and serve need, loaded by one path.
+
+Layout::
+
+    BUNDLE/
+      bundle.json             format, input size, class names, thresholds, the heads present
+      backbone.safetensors    backbone weights (timm key names, one input channel)
+      model_card.json         the backbone's card (xrayfm.models.card), intensity convention
+      heads/<task>/head.json, heads/<task>/head.safetensors   for task in classify/segment/detect
+
+Any subset of the three heads may be present. All heads must have been trained at the same
+input size on the same backbone weights (checked against the card's ``weights_sha256``), so one
+backbone pass per batch serves every head: the pooled embedding and the dense maps come from the
+same forward call.
+
+Images are resized to ``input_size`` x ``input_size`` (aspect not kept, as in training,
+:func:`xrayfm.tasks.data.resize_item`); masks and screw coordinates are mapped back to each
+original image here, once, so callers only ever see original-image pixels
+(:mod:`xrayfm.conventions`: ``(x, y)`` points, ``(x0, y0, x1, y1)`` boxes, pixel centres at +0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xrayfm.config import atomic_write_bytes, atomic_write_text
+from xrayfm.conventions import check_image
+from xrayfm.models.backbones import Backbone, ResNetBackbone, ViTBackbone
+from xrayfm.models.card import CARD_NAME, WEIGHTS_NAME, load_backbone
+
+BUNDLE_FORMAT = "xrayfm-model-bundle"
+BUNDLE_VERSION = 1
+BUNDLE_CARD = "bundle.json"
+TASKS = ("classify", "segment", "detect")
+
+Spacing = tuple[float, float] | None  # (row, col) mm, DICOM PixelSpacing order
+
+
+def joint_features(backbone: Backbone, x: Tensor, dense: bool = True) -> tuple[Tensor, list[Tensor]]:
+    """Pooled embedding and (when ``dense``) the dense maps of ``x`` from ONE forward pass.
+
+    Equal to ``backbone(x)`` and ``backbone.forward_dense(x)`` computed separately.
+    """
+    if not dense:
+        return backbone(x), []
+    if isinstance(backbone, ViTBackbone):
+        xn = backbone.normalise(x)
+        backbone._check_size(xn)
+        final, maps = backbone.model.forward_intermediates(
+            xn, indices=backbone.dense_indices, norm=True, output_fmt="NCHW"
+        )
+        return final[:, 0], list(maps)
+    if isinstance(backbone, ResNetBackbone):
+        final, maps = backbone.model.forward_intermediates(backbone.normalise(x), indices=[1, 2, 3, 4])
+        return backbone.model.forward_head(final), list(maps)
+    return backbone(x), list(backbone.forward_dense(x))
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    from xrayfm.tasks.data import LabeledImage, resize_item
+
+    return resize_item(LabeledImage(image=img, image_id=""), size).image
+
+
+def _class_names(card: dict[str, Any]) -> list[str]:
+    n = int(card.get("head_kwargs", {}).get("num_classes", 0))
+    if card.get("class_names"):
+        return [str(c) for c in card["class_names"]]
+    from xrayfm.synth.regions import REGIONS
+
+    return list(REGIONS) if n == len(REGIONS) else [f"class_{i}" for i in range(n)]
+
+
+def screw_mm(screw: dict[str, Any], spacing: Spacing) -> dict[str, Any]:
+    """Add ``head_mm``, ``tip_mm`` and ``length_mm`` to a screw (pixels) given (row, col) spacing."""
+    if spacing is None:
+        return screw
+    row, col = float(spacing[0]), float(spacing[1])
+    hx, hy = screw["head"]
+    tx, ty = screw["tip"]
+    return screw | {
+        "head_mm": [hx * col, hy * row],
+        "tip_mm": [tx * col, ty * row],
+        "length_mm": float(np.hypot((tx - hx) * col, (ty - hy) * row)),
+    }
+
+
+@dataclass
+class ModelBundle:
+    """A backbone and its heads, ready to predict on original-size images."""
+
+    path: Path
+    backbone: Backbone
+    backbone_card: dict[str, Any]
+    heads: dict[str, nn.Module]
+    head_cards: dict[str, dict[str, Any]]
+    input_size: int
+    class_names: list[str]
+    options: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+
+    # ------------------------------------------------------------------ create / load
+    @staticmethod
+    def create(
+        backbone_path: str | Path,
+        head_paths: Sequence[str | Path],
+        out: str | Path,
+        detect_threshold: float = 0.3,
+        mask_threshold: float = 0.5,
+    ) -> Path:
+        """Assemble a bundle folder from an exported backbone and head bundles; return its path."""
+        from xrayfm.tasks.train import HEAD_CARD, HEAD_WEIGHTS, load_head_bundle
+
+        for name, value in (("detect_threshold", detect_threshold), ("mask_threshold", mask_threshold)):
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must lie in (0, 1), got {value}")
+        _, bb_card = load_backbone(str(backbone_path))
+        if not head_paths:
+            raise ValueError(
+                "no heads given; pass at least one head bundle folder (classify, segment or detect)"
+            )
+        heads: dict[str, tuple[Path, dict[str, Any]]] = {}
+        for hp in head_paths:
+            _, card = load_head_bundle(hp)
+            task = card.get("task")
+            if task not in TASKS:
+                raise ValueError(f"head {hp}: task {task!r} is not one of {', '.join(TASKS)}")
+            if task in heads:
+                raise ValueError(
+                    f"two {task} heads given ({heads[task][0]} and {hp}); pass one head per task"
+                )
+            want, got = bb_card.get("weights_sha256"), (card.get("backbone") or {}).get("weights_sha256")
+            if card.get("fine_tuned_backbone"):
+                raise ValueError(
+                    f"head {hp} was trained with a fine-tuned backbone; pass --backbone "
+                    f"{Path(hp) / card['fine_tuned_backbone']} and heads trained on it"
+                )
+            if want and got and want != got:
+                raise ValueError(
+                    f"head {hp} was trained on other backbone weights ({got[:12]}, not {want[:12]}); "
+                    "pass the backbone the head was trained on"
+                )
+            heads[task] = (Path(hp), card)
+        sizes = {int(c["img_size"]) for _, c in heads.values()}
+        if len(sizes) != 1:
+            raise ValueError(
+                f"heads were trained at different input sizes {sorted(sizes)}; one backbone pass "
+                "needs one size: retrain the heads at the same img_size"
+            )
+        out_dir = Path(out)
+        src = Path(backbone_path)
+        src = src.parent if src.is_file() else src
+        for name in (WEIGHTS_NAME, CARD_NAME):
+            atomic_write_bytes(out_dir / name, (src / name).read_bytes())
+        for task, (hp, _) in heads.items():
+            for name in (HEAD_CARD, HEAD_WEIGHTS):
+                atomic_write_bytes(out_dir / "heads" / task / name, (hp / name).read_bytes())
+        for stale in set(TASKS) - set(heads):  # re-using an output folder must not keep old heads
+            shutil.rmtree(out_dir / "heads" / stale, ignore_errors=True)
+        card = {
+            "format": BUNDLE_FORMAT,
+            "version": BUNDLE_VERSION,
+            "arch": bb_card["arch"],
+            "input_size": sizes.pop(),
+            "intensity_convention": bb_card.get("intensity_convention"),
+            "class_names": _class_names(heads["classify"][1]) if "classify" in heads else None,
+            "heads": {t: {"head": c["head"], "dir": f"heads/{t}"} for t, (_, c) in heads.items()},
+            "options": {"detect_threshold": detect_threshold, "mask_threshold": mask_threshold},
+            "backbone_weights_sha256": bb_card.get("weights_sha256"),
+        }
+        atomic_write_text(out_dir / BUNDLE_CARD, json.dumps(card, indent=2))
+        return out_dir
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> ModelBundle:
+        """Load a bundle folder written by :meth:`create` in eval mode on ``device`` ("cpu", "cuda")."""
+        from xrayfm.tasks.train import load_head_bundle
+
+        try:
+            dev = torch.device(device)
+        except RuntimeError as exc:
+            raise ValueError(f"device {device!r} is not a torch device; use cpu or cuda") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+
+        p = Path(path)
+        card_path = p / BUNDLE_CARD
+        if not card_path.is_file():
+            raise FileNotFoundError(
+                f"{p} is not a model bundle (no {BUNDLE_CARD}); build one with `xrayfm bundle`"
+            )
+        card = json.loads(card_path.read_text())
+        if card.get("format") != BUNDLE_FORMAT or int(card.get("version", 0)) > BUNDLE_VERSION:
+            raise ValueError(
+                f"{card_path} is not a version <= {BUNDLE_VERSION} {BUNDLE_FORMAT}; rebuild the bundle"
+            )
+        backbone, bb_card = load_backbone(str(p))
+        heads, head_cards = {}, {}
+        for task, info in card["heads"].items():
+            heads[task], head_cards[task] = load_head_bundle(p / info["dir"])
+        return cls(
+            p,
+            backbone.eval().to(dev),
+            bb_card,
+            {t: h.to(dev) for t, h in heads.items()},
+            head_cards,
+            int(card["input_size"]),
+            list(card.get("class_names") or []),
+            dict(card.get("options") or {}),
+            str(dev),
+        )
+
+    # ------------------------------------------------------------------ inference
+    def card(self) -> dict[str, Any]:
+        """What a client needs to know about the model (JSON-serialisable)."""
+        return {
+            "arch": self.backbone_card.get("arch"),
+            "input_size": self.input_size,
+            "heads": {t: self.head_cards[t]["head"] for t in self.heads},
+            "class_names": self.class_names,
+            "options": self.options,
+            "device": self.device,
+            "intensity_convention": self.backbone_card.get("intensity_convention"),
+            "backbone": {k: v for k, v in self.backbone_card.items() if k not in ("versions",)},
+        }
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Sequence[np.ndarray],
+        pixel_spacing: Sequence[Spacing] | None = None,
+        return_embedding: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Run every head on ``images`` (float32 (H, W) in [0, 1]) with one backbone pass.
+
+        Per image: ``height``, ``width``; ``top3`` and ``probabilities`` (classify);
+        ``metal_probability`` (float32 (H, W)) and ``metal_mask`` (bool (H, W)) (segment);
+        ``screws`` (detect: box, confidence, head, tip, angle_deg, length_px, plus *_mm when the
+        image's (row, col) spacing is known); ``embedding`` (list of floats) when asked.
+        """
+        if not len(images):
+            return []
+        spacings = list(pixel_spacing) if pixel_spacing is not None else [None] * len(images)
+        if len(spacings) != len(images):
+            raise ValueError(
+                f"got {len(spacings)} pixel spacings for {len(images)} images; pass one per image"
+            )
+        s = self.input_size
+        x = torch.from_numpy(
+            np.stack([_resize(check_image(im, f"image {i}"), s) for i, im in enumerate(images)])
+        )[:, None].to(self.device)
+        need_dense = any(t in self.heads for t in ("segment", "detect"))
+        pooled, dense = joint_features(self.backbone, x, dense=need_dense)
+        results = [{"height": int(im.shape[0]), "width": int(im.shape[1])} for im in images]
+        if "classify" in self.heads:
+            self._classify(pooled, results)
+        if "segment" in self.heads:
+            self._segment(self.heads["segment"](dense, size=(s, s)), images, results)
+        if "detect" in self.heads:
+            self._detect(self.heads["detect"](dense), spacings, results)
+        if return_embedding:
+            for r, e in zip(results, pooled.float().cpu().numpy()):
+                r["embedding"] = e.tolist()
+        return results
+
+    def _classify(self, pooled: Tensor, results: list[dict[str, Any]]) -> None:
+        probs = torch.softmax(self.heads["classify"](pooled).float(), dim=1).cpu().numpy()
+        names = self.class_names or [f"class_{i}" for i in range(probs.shape[1])]
+        for r, p in zip(results, probs):
+            order = np.argsort(-p)[:3]
+            r["top3"] = [{"index": int(i), "region": names[i], "probability": float(p[i])} for i in order]
+            r["probabilities"] = {n: float(v) for n, v in zip(names, p)}
+
+    def _segment(self, logits: Tensor, images: Sequence[np.ndarray], results: list[dict[str, Any]]) -> None:
+        thr = float(self.options.get("mask_threshold", 0.5))
+        for r, logit, im in zip(results, logits, images):
+            up = F.interpolate(logit[None, :1].float(), size=im.shape, mode="bilinear", align_corners=False)
+            prob = torch.sigmoid(up[0, 0]).cpu().numpy().astype(np.float32)
+            r["metal_probability"] = prob
+            r["metal_mask"] = prob > thr
+
+    def _detect(self, out: Tensor, spacings: list[Spacing], results: list[dict[str, Any]]) -> None:
+        from xrayfm.tasks.data import scale_screw
+        from xrayfm.tasks.detect import decode_screws
+
+        s = self.input_size
+        decoded = decode_screws(out, float(self.options.get("detect_threshold", 0.3)))
+        for r, screws, spacing in zip(results, decoded, spacings):
+            sx, sy = r["width"] / s, r["height"] / s
+            mapped = []
+            for sc in screws:
+                m = scale_screw(sc, sx, sy)
+                m["confidence"] = m.pop("score")
+                d = np.subtract(m["tip"], m["head"])
+                m["angle_deg"] = float(np.degrees(np.arctan2(d[1], d[0])))
+                mapped.append(screw_mm(m, spacing))
+            r["screws"] = mapped

@@ -1,0 +1,203 @@
+"""Small task heads on a (frozen) backbone, and their registry.
+
+A head reads either the pooled embedding ``(B, D)`` (``input_kind = "pooled"``) or the backbone's
+multi-scale dense maps ``[(B, C_i, H/s_i, W/s_i)]`` (``input_kind = "dense"``) and returns logits:
+
+- ``linear`` / ``mlp`` (classification): ``(B, num_classes)``.
+- ``seg_decoder`` (segmentation): ``(B, num_classes, H, W)`` at the input size.
+- ``screw_keypoints`` (screw detection): ``(B, 11, H/4, W/4)`` maps, channels as in
+  :data:`DETECTION_CHANNELS`; :mod:`xrayfm.tasks.detect` encodes targets and decodes screws.
+
+Both dense heads share :class:`ProgressiveDecoder`: every backbone map is projected to a common
+width by a 1×1 conv and group-normalised, maps of equal stride are summed, and the coarsest map is upsampled ×2 step by
+step, adding the lateral map of each stride it passes (FPN-style for ResNet's 4 stages at strides
+4–32; for a ViT, whose blocks all sit at the patch stride, this is a concat of blocks followed by
+progressive upsampling). A new head is one :func:`register_head` entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DETECTION_CHANNELS = ("heat_head", "heat_tip", "head_off_x", "head_off_y", "tip_off_x", "tip_off_y",
+                      "head_to_tip_x", "head_to_tip_y", "tip_to_head_x", "tip_to_head_y", "box_pad")
+N_HEATMAPS = 2
+
+_HEADS: dict[str, tuple[str, str, Callable[..., nn.Module]]] = {}
+
+
+def register_head(name: str, task: str, input_kind: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register a head factory ``f(embed_dim, dense_channels, dense_strides, **kw)``."""
+
+    def deco(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _HEADS:
+            raise ValueError(f"head {name!r} is registered twice")
+        _HEADS[name] = (task, input_kind, factory)
+        return factory
+
+    return deco
+
+
+def list_heads(task: str | None = None) -> list[str]:
+    """Names of registered heads, optionally only those for ``task``."""
+    return sorted(n for n, (t, _, _) in _HEADS.items() if task is None or t == task)
+
+
+def head_info(name: str) -> tuple[str, str]:
+    """``(task, input_kind)`` of a registered head."""
+    if name not in _HEADS:
+        raise ValueError(f"unknown head {name!r}; choose one of {list_heads()}")
+    task, kind, _ = _HEADS[name]
+    return task, kind
+
+
+def create_head(name: str, embed_dim: int, dense_channels: Sequence[int], dense_strides: Sequence[int],
+                **kwargs: Any) -> nn.Module:
+    """Build a registered head for a backbone with the given feature geometry."""
+    head_info(name)
+    task, kind, factory = _HEADS[name]
+    head = factory(embed_dim=embed_dim, dense_channels=list(dense_channels),
+                   dense_strides=list(dense_strides), **kwargs)
+    head.head_name, head.task, head.input_kind = name, task, kind  # type: ignore[assignment]
+    return head
+
+
+class LinearHead(nn.Module):
+    """Linear probe on the pooled embedding (a parameter-free normalisation first)."""
+
+    def __init__(self, embed_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim, elementwise_affine=False)
+        self.fc = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.norm(x))
+
+
+class MLPHead(nn.Module):
+    """Two-layer MLP on the pooled embedding."""
+
+    def __init__(self, embed_dim: int, num_classes: int, hidden: int = 512, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.LayerNorm(embed_dim), nn.Linear(embed_dim, hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(8, cout), nn.ReLU(inplace=True))
+
+
+class ProgressiveDecoder(nn.Module):
+    """Multi-scale maps -> one map of ``width`` channels at ``out_stride``."""
+
+    def __init__(self, dense_channels: Sequence[int], dense_strides: Sequence[int], width: int = 64,
+                 out_stride: int = 4) -> None:
+        super().__init__()
+        if len(dense_channels) != len(dense_strides) or not dense_channels:
+            raise ValueError("backbone must report one stride per dense map (dense_channels/dense_strides)")
+        if out_stride > min(dense_strides) and out_stride not in dense_strides:
+            raise ValueError(f"out_stride {out_stride} must be a power-of-two step below stride {min(dense_strides)}")
+        self.strides = list(dense_strides)
+        self.out_stride = out_stride
+        # Normalising each projected map puts frozen features of any scale on an equal footing.
+        self.lateral = nn.ModuleList(nn.Sequential(nn.Conv2d(c, width, 1), nn.GroupNorm(8, width))
+                                     for c in dense_channels)
+        top = max(dense_strides)
+        steps = []
+        s = top
+        while s > out_stride:
+            steps.append(s // 2)
+            s //= 2
+        self.step_strides = steps
+        self.top_block = _conv_block(width, width)
+        self.blocks = nn.ModuleList(_conv_block(width, width) for _ in steps)
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        if len(feats) != len(self.lateral):
+            raise ValueError(f"decoder built for {len(self.lateral)} dense maps, got {len(feats)}")
+        by_stride: dict[int, Tensor] = {}
+        for s, f, proj in zip(self.strides, feats, self.lateral):
+            y = proj(f.float())
+            by_stride[s] = by_stride[s] + y if s in by_stride else y
+        top = max(self.strides)
+        x = self.top_block(by_stride[top])
+        for s, block in zip(self.step_strides, self.blocks):
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+            if s in by_stride:
+                lat = by_stride[s]
+                if lat.shape[-2:] != x.shape[-2:]:
+                    x = F.interpolate(x, size=lat.shape[-2:], mode="bilinear", align_corners=False)
+                x = x + lat
+            x = block(x)
+        return x
+
+
+class SegmentationHead(nn.Module):
+    """Progressive decoder -> per-pixel logits, bilinearly upsampled to the input size."""
+
+    def __init__(self, dense_channels: Sequence[int], dense_strides: Sequence[int], num_classes: int = 1,
+                 width: int = 64) -> None:
+        super().__init__()
+        self.decoder = ProgressiveDecoder(dense_channels, dense_strides, width, out_stride=min(4, min(dense_strides)))
+        self.classifier = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, feats: Sequence[Tensor], size: tuple[int, int] | None = None) -> Tensor:
+        y = self.classifier(self.decoder(feats))
+        if size is None:
+            s = self.decoder.out_stride
+            size = (y.shape[-2] * s, y.shape[-1] * s)
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+
+
+class KeypointHead(nn.Module):
+    """Screw keypoint head at stride 4: heatmap logits for screw heads and tips, sub-cell offsets,
+    the vector from each head to its tip and back, and a box margin (regressions in stride units)."""
+
+    stride = 4
+
+    def __init__(self, dense_channels: Sequence[int], dense_strides: Sequence[int], width: int = 64,
+                 heat_prior: float = 0.01) -> None:
+        super().__init__()
+        if min(dense_strides) < self.stride:
+            raise ValueError(f"detector needs backbone maps at stride >= {self.stride}, got {min(dense_strides)}")
+        self.decoder = ProgressiveDecoder(dense_channels, dense_strides, width, out_stride=self.stride)
+        self.heat = nn.Sequential(_conv_block(width, width), nn.Conv2d(width, N_HEATMAPS, 1))
+        self.regress = nn.Sequential(_conv_block(width, width),
+                                     nn.Conv2d(width, len(DETECTION_CHANNELS) - N_HEATMAPS, 1))
+        # Start with a low keypoint probability everywhere so the focal loss is stable (CenterNet).
+        nn.init.constant_(self.heat[-1].bias, float(torch.logit(torch.tensor(heat_prior))))
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        x = self.decoder(feats)
+        return torch.cat([self.heat(x), self.regress(x)], dim=1)
+
+
+@register_head("linear", task="classify", input_kind="pooled")
+def _linear(embed_dim: int, num_classes: int, **_: Any) -> nn.Module:
+    return LinearHead(embed_dim, num_classes)
+
+
+@register_head("mlp", task="classify", input_kind="pooled")
+def _mlp(embed_dim: int, num_classes: int, hidden: int = 512, **_: Any) -> nn.Module:
+    return MLPHead(embed_dim, num_classes, hidden)
+
+
+@register_head("seg_decoder", task="segment", input_kind="dense")
+def _seg(dense_channels: list[int], dense_strides: list[int], num_classes: int = 1, width: int = 64,
+         **_: Any) -> nn.Module:
+    return SegmentationHead(dense_channels, dense_strides, num_classes, width)
+
+
+@register_head("screw_keypoints", task="detect", input_kind="dense")
+def _screw_keypoints(dense_channels: list[int], dense_strides: list[int], width: int = 64, **_: Any) -> nn.Module:
+    return KeypointHead(dense_channels, dense_strides, width)

@@ -1,0 +1,1 @@
+"""Figures (prediction overlays, attention maps, curves) and the self-contained HTML report."""

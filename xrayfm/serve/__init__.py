@@ -1,0 +1,1 @@
+"""Web service (FastAPI app, viewer page) and prediction result formats (RLE, JSON)."""

@@ -1,0 +1,73 @@
+"""What a head task is: targets, loss, prediction and metrics, plus the task registry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from xrayfm.tasks.data import LabeledImage
+
+_TASKS: dict[str, type[HeadTask]] = {}
+
+
+class HeadTask:
+    """One task. Items given to ``targets``/``loss`` are at the training size; ``predict`` maps
+    head outputs back to each original item's pixel frame."""
+
+    name: str = ""
+    default_head: str = ""
+    input_kind: str = "dense"
+
+    def __init__(self, num_classes: int | None = None) -> None:
+        self.num_classes = num_classes
+
+    def has_label(self, item: LabeledImage) -> bool:
+        raise NotImplementedError
+
+    def head_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def run_head(self, head: nn.Module, feats: Tensor | list[Tensor], size: tuple[int, int]) -> Tensor:
+        return head(feats)
+
+    def targets(self, items: Sequence[LabeledImage]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def loss(self, out: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def predict(self, out: Tensor, originals: Sequence[LabeledImage], size: tuple[int, int]) -> list[Any]:
+        raise NotImplementedError
+
+    def metrics(self, preds: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def register_task(cls: type[HeadTask]) -> type[HeadTask]:
+    """Class decorator adding a task to the registry under ``cls.name``."""
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def get_task(name: str, num_classes: int | None = None) -> HeadTask:
+    """Instantiate a registered task."""
+    import xrayfm.tasks.classify
+    import xrayfm.tasks.detect
+    import xrayfm.tasks.segment  # noqa: F401
+
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(_TASKS)}")
+    return _TASKS[name](num_classes=num_classes)
+
+
+def index_targets(targets: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
+    """Rows ``idx`` of every target tensor."""
+    return {k: v[idx] for k, v in targets.items()}
+
+
+def cat_targets(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Concatenate per-batch target dicts."""
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -1,0 +1,186 @@
+"""Labelled images for the heads: lake rows joined to synthetic labels, resizing, augmentation.
+
+Heads work on square inputs of ``img_size`` px: an image is resized to ``(img_size, img_size)``
+(aspect not kept: no pixels are lost to padding) and every label follows the same map (points
+scaled per axis, masks by nearest neighbour). Predictions are mapped back to the original image
+before any metric is computed, so metrics are always in original lake-image pixels.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from xrayfm.conventions import check_image, from_uint16
+
+
+@dataclass
+class LabeledImage:
+    """One image with whatever labels it has (``None`` = no label for that task)."""
+
+    image: np.ndarray                       # float32 (H, W) in [0, 1], xrayfm.conventions
+    image_id: str
+    split: str = "train"
+    region_index: int | None = None
+    mask: np.ndarray | None = None          # bool (H, W), True = metal
+    screws: list[dict[str, Any]] | None = None  # visible screws: head, tip, box, end_on, ...
+    pixel_spacing_mm: float | None = None   # of this image
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(height, width)``."""
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+
+def scale_screw(s: dict[str, Any], sx: float, sy: float) -> dict[str, Any]:
+    """Copy of a screw dict with head/tip/box scaled by ``sx`` (x) and ``sy`` (y)."""
+    out = copy.deepcopy(s)
+    for key in ("head", "tip"):
+        out[key] = [float(s[key][0]) * sx, float(s[key][1]) * sy]
+    if "box" in s and s["box"] is not None:
+        x0, y0, x1, y1 = s["box"]
+        out["box"] = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
+    if "length_px" in s:
+        d = np.subtract(out["tip"], out["head"])
+        out["length_px"] = float(np.hypot(d[0], d[1]))
+    return out
+
+
+def resize_item(item: LabeledImage, height: int, width: int | None = None) -> LabeledImage:
+    """The item resized to ``(height, width)`` (square when ``width`` is None), labels following."""
+    width = width or height
+    h, w = item.size
+    if (h, w) == (height, width):
+        return item
+    sx, sy = width / w, height / h
+    interp = cv2.INTER_AREA if sx < 1 and sy < 1 else cv2.INTER_LINEAR
+    img = np.clip(cv2.resize(item.image, (width, height), interpolation=interp), 0.0, 1.0).astype(np.float32)
+    mask = None
+    if item.mask is not None:
+        mask = cv2.resize(item.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+    screws = None if item.screws is None else [scale_screw(s, sx, sy) for s in item.screws]
+    spacing = None if item.pixel_spacing_mm is None else item.pixel_spacing_mm * (w / width)
+    return replace(item, image=img, mask=mask, screws=screws, pixel_spacing_mm=spacing)
+
+
+def augment_item(item: LabeledImage, rng: np.random.Generator, min_scale: float = 0.7,
+                 flip: bool = True) -> LabeledImage:
+    """Random crop covering ``min_scale``..1 of each side, then an optional horizontal flip.
+
+    The crop keeps the item's size (it is resized back), so labels move with the pixels; screws
+    whose centre leaves the crop are dropped.
+    """
+    h, w = item.size
+    s = rng.uniform(min_scale, 1.0)
+    ch, cw = max(2, round(h * s)), max(2, round(w * s))
+    y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    img = item.image[y0:y0 + ch, x0:x0 + cw]
+    mask = None if item.mask is None else item.mask[y0:y0 + ch, x0:x0 + cw]
+    screws = None
+    if item.screws is not None:
+        screws = []
+        for sc in item.screws:
+            moved = copy.deepcopy(sc)
+            moved["head"] = [sc["head"][0] - x0, sc["head"][1] - y0]
+            moved["tip"] = [sc["tip"][0] - x0, sc["tip"][1] - y0]
+            if sc.get("box") is not None:
+                bx0, by0, bx1, by1 = sc["box"]
+                moved["box"] = [bx0 - x0, by0 - y0, bx1 - x0, by1 - y0]
+            cx, cy = (moved["head"][0] + moved["tip"][0]) / 2, (moved["head"][1] + moved["tip"][1]) / 2
+            if 0 <= cx < cw and 0 <= cy < ch:
+                screws.append(moved)
+    out = resize_item(replace(item, image=np.ascontiguousarray(img), mask=mask, screws=screws), h, w)
+    if flip and rng.random() < 0.5:
+        out = hflip_item(out)
+    return out
+
+
+def hflip_item(item: LabeledImage) -> LabeledImage:
+    """Mirror left-right; screw head stays head (x -> W - x)."""
+    w = item.size[1]
+    screws = None
+    if item.screws is not None:
+        screws = []
+        for sc in item.screws:
+            f = copy.deepcopy(sc)
+            f["head"] = [w - sc["head"][0], sc["head"][1]]
+            f["tip"] = [w - sc["tip"][0], sc["tip"][1]]
+            if sc.get("box") is not None:
+                x0, y0, x1, y1 = sc["box"]
+                f["box"] = [w - x1, y0, w - x0, y1]
+            screws.append(f)
+    mask = None if item.mask is None else np.ascontiguousarray(item.mask[:, ::-1])
+    return replace(item, image=np.ascontiguousarray(item.image[:, ::-1]), mask=mask, screws=screws)
+
+
+def images_tensor(items: list[LabeledImage]) -> torch.Tensor:
+    """Stack equally sized items into a ``(B, 1, H, W)`` float32 tensor."""
+    sizes = {it.size for it in items}
+    if len(sizes) != 1:
+        raise ValueError(f"items have different sizes {sorted(sizes)}; resize them first (resize_item)")
+    return torch.from_numpy(np.stack([it.image for it in items]))[:, None].float()
+
+
+def label_subset(items: list[LabeledImage], fraction: float, seed: int = 0,
+                 key: str | None = "region_index") -> list[LabeledImage]:
+    """Deterministic subset of ``fraction`` of the items (at least one per class when stratified
+    by ``key``); a fraction > 1 is read as a number of items per class (few-shot)."""
+    if fraction <= 0:
+        raise ValueError(f"label fraction must be > 0, got {fraction}")
+    if fraction == 1.0:
+        return list(items)
+    groups: dict[Any, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(getattr(it, key) if key else None, []).append(i)
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for g in sorted(groups, key=str):
+        idx = sorted(groups[g], key=lambda i: items[i].image_id)
+        n = int(fraction) if fraction > 1 else max(1, round(len(idx) * fraction))
+        keep += [idx[j] for j in rng.permutation(len(idx))[: min(n, len(idx))]]
+    return [items[i] for i in sorted(keep)]
+
+
+def load_labeled_images(lake: str, labels: str, split: str | None = None,
+                        visible_only: bool = True) -> tuple[list[LabeledImage], int]:
+    """Lake images joined to synth labels on ``source_pixel_hash == pixel_hash``.
+
+    Returns the joined items and the number of lake rows that had no label. Label coordinates
+    and masks are scaled to the lake image when the lake resized it.
+    """
+    from xrayfm.lake import decode_image, read_rows
+    from xrayfm.synth.labels import read_labels
+
+    if split is not None and split not in ("train", "val", "test"):
+        raise ValueError(f"split {split!r} is not one of train, val, test")
+    by_hash = {lab.pixel_hash: lab for lab in read_labels(labels)}
+    where = None if split is None else f"split = '{split}'"
+    cols = ["image_id", "split", "source_pixel_hash", "image", "pixel_spacing_mm"]
+    table = read_rows(lake, where=where, columns=cols).to_pylist()
+    items: list[LabeledImage] = []
+    for row in table:
+        lab = by_hash.get(row["source_pixel_hash"])
+        if lab is None:
+            continue
+        img = check_image(from_uint16(decode_image(row["image"])), f"lake image {row['image_id']}")
+        h, w = img.shape
+        sx, sy = w / lab.width, h / lab.height
+        mask = lab.mask
+        if mask is not None and mask.shape != (h, w):
+            mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+        screws = [scale_screw(s, sx, sy) for s in lab.screws if s.get("visible", True) or not visible_only]
+        spacing = row.get("pixel_spacing_mm")
+        if spacing is None and lab.pixel_spacing_mm:
+            spacing = float(lab.pixel_spacing_mm) / sx
+        items.append(LabeledImage(image=img, image_id=row["image_id"], split=row["split"],
+                                  region_index=int(lab.region_index), mask=mask, screws=screws,
+                                  pixel_spacing_mm=spacing, extra={"region": lab.region,
+                                                                   "view": json.loads(lab.view) if isinstance(lab.view, str) else lab.view}))
+    return items, len(table) - len(items)

@@ -1,0 +1,200 @@
+"""Screw detection from keypoints: targets, loss and decoding for the ``screw_keypoints`` head.
+
+A screw is the directed segment ``head -> tip``. On the stride-``s`` grid, the cell holding the
+head (``(i, j) = floor(y / s), floor(x / s)``) carries the head's sub-cell offset
+``head / s - (j + 0.5, i + 0.5)``, the vector ``(tip - head) / s`` and the box margin (how far
+the label box reaches beyond the head-tip extent, in stride units); the cell holding the tip
+carries the tip's offset and the vector ``(head - tip) / s``. Heatmap targets are Gaussians
+(sigma 1 cell) that are exactly 1 at those cells.
+
+Decoding: 3×3 local maxima above ``threshold`` in each heatmap are head and tip candidates.
+Each head predicts where its tip is and each tip where its head is; heads and tips are paired
+one-to-one by the Hungarian algorithm on the mean of the two prediction errors, gated at
+``max(3 s, 0.3 × predicted length)``. A pair's score is the geometric mean of the two peak
+probabilities; an unpaired head (or tip) keeps the point it predicts for its partner and scores
+the geometric mean of its peak and the other heatmap at that point. Each screw has ``score``,
+``head``, ``tip``, ``box``, ``angle_deg`` (head -> tip, conventions) and ``length_px``. Endpoints
+are local features, so crossing screws and screws sharing a midpoint stay separate; two heads in
+one stride cell merge (the later label wins the cell).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+
+from xrayfm.models.heads import N_HEATMAPS, KeypointHead
+from xrayfm.tasks.base import HeadTask, register_task
+from xrayfm.tasks.data import LabeledImage, scale_screw
+from xrayfm.tasks.metrics import detection_metrics
+
+STRIDE = KeypointHead.stride
+# Regression channels (after the 2 heatmaps) owned by the head cell and by the tip cell.
+HEAD_REG = [0, 1, 4, 5, 8]   # head offset x/y, head->tip x/y, box margin
+TIP_REG = [2, 3, 6, 7]       # tip offset x/y, tip->head x/y
+
+
+def _box_margin(s: dict[str, Any]) -> float:
+    if s.get("box") is None:
+        return 0.0
+    (hx, hy), (tx, ty) = s["head"], s["tip"]
+    x0, y0, x1, y1 = s["box"]
+    return float(np.mean([min(hx, tx) - x0, min(hy, ty) - y0, x1 - max(hx, tx), y1 - max(hy, ty)]))
+
+
+def encode_screws(screws: Sequence[dict[str, Any]], height: int, width: int,
+                  stride: int = STRIDE) -> dict[str, Tensor]:
+    """Targets for one image: ``heat (2, h, w)``, ``reg (9, h, w)``, ``reg_mask (9, h, w)``."""
+    h, w = math.ceil(height / stride), math.ceil(width / stride)
+    heat = torch.zeros(N_HEATMAPS, h, w)
+    reg = torch.zeros(9, h, w)
+    mask = torch.zeros(9, h, w)
+    ys = torch.arange(h, dtype=torch.float32)[:, None]
+    xs = torch.arange(w, dtype=torch.float32)[None, :]
+    for s in screws:
+        head, tip = np.asarray(s["head"], np.float64), np.asarray(s["tip"], np.float64)
+        cells = []
+        for k, p in enumerate((head, tip)):
+            j, i = int(np.clip(p[0] // stride, 0, w - 1)), int(np.clip(p[1] // stride, 0, h - 1))
+            heat[k] = torch.maximum(heat[k], torch.exp(-((xs - j) ** 2 + (ys - i) ** 2) / 2.0))
+            cells.append((i, j, p / stride - (j + 0.5, i + 0.5)))
+        (hi, hj, hoff), (ti, tj, toff) = cells
+        v = (tip - head) / stride
+        for ch, val in zip(HEAD_REG, [*hoff, *v, _box_margin(s) / stride]):
+            reg[ch, hi, hj], mask[ch, hi, hj] = float(val), 1.0
+        for ch, val in zip(TIP_REG, [*toff, *(-v)]):
+            reg[ch, ti, tj], mask[ch, ti, tj] = float(val), 1.0
+    return {"heat": heat, "reg": reg, "reg_mask": mask}
+
+
+def focal_heatmap_loss(logits: Tensor, target: Tensor, alpha: float = 2.0, beta: float = 4.0) -> Tensor:
+    """Penalty-reduced pixel focal loss (CenterNet), normalised by the number of peaks."""
+    logp, log1mp = F.logsigmoid(logits), F.logsigmoid(-logits)
+    p = logp.exp()
+    pos = target.eq(1.0).float()
+    pos_loss = (pos * (1 - p) ** alpha * logp).sum()
+    neg_loss = ((1 - pos) * (1 - target) ** beta * p**alpha * log1mp).sum()
+    return -(pos_loss + neg_loss) / pos.sum().clamp(min=1.0)
+
+
+def detection_loss(out: Tensor, targets: dict[str, Tensor], vector_weight: float = 0.1) -> Tensor:
+    """Focal loss on both heatmaps + L1 on offsets (weight 1) and vectors/margin (``vector_weight``)."""
+    focal = focal_heatmap_loss(out[:, :N_HEATMAPS], targets["heat"])
+    m = targets["reg_mask"]
+    weights = torch.full((9,), vector_weight, device=out.device)
+    weights[[0, 1, 2, 3]] = 1.0
+    l1 = (out[:, N_HEATMAPS:] - targets["reg"]).abs() * m * weights[None, :, None, None]
+    return focal + l1.sum() / m[:, :1].sum().clamp(min=1.0) / 2
+
+
+def _peaks(heat: Tensor, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    keep = (heat == F.max_pool2d(heat[None], 3, stride=1, padding=1)[0]) & (heat >= threshold)
+    ii, jj = torch.nonzero(keep, as_tuple=True)
+    return np.stack([ii.numpy(), jj.numpy()], 1), heat[ii, jj].numpy().astype(np.float64)
+
+
+def _sample(heat: Tensor, p: np.ndarray, stride: int) -> float:
+    j = int(np.clip(p[0] // stride, 0, heat.shape[1] - 1))
+    i = int(np.clip(p[1] // stride, 0, heat.shape[0] - 1))
+    return float(heat[i, j])
+
+
+def _screw(head: np.ndarray, tip: np.ndarray, score: float, margin: float) -> dict[str, Any]:
+    d = tip - head
+    lo, hi = np.minimum(head, tip) - margin, np.maximum(head, tip) + margin
+    return {"score": score, "head": head.tolist(), "tip": tip.tolist(), "box": [*lo.tolist(), *hi.tolist()],
+            "angle_deg": float(np.degrees(np.arctan2(d[1], d[0]))), "length_px": float(np.hypot(*d))}
+
+
+def _decode_one(out: Tensor, threshold: float, stride: int) -> list[dict[str, Any]]:
+    heat = torch.sigmoid(out[:N_HEATMAPS].float())
+    reg = out[N_HEATMAPS:].double().numpy()
+    (hc, hs), (tc, ts) = _peaks(heat[0], threshold), _peaks(heat[1], threshold)
+
+    def at(cells: np.ndarray, chans: list[int]) -> np.ndarray:
+        return reg[chans][:, cells[:, 0], cells[:, 1]].T if len(cells) else np.zeros((0, len(chans)))
+
+    hp = (hc[:, ::-1] + 0.5 + at(hc, HEAD_REG[:2])) * stride     # head positions (x, y)
+    tp = (tc[:, ::-1] + 0.5 + at(tc, TIP_REG[:2])) * stride
+    h2t = hp + at(hc, HEAD_REG[2:4]) * stride                    # where each head puts its tip
+    t2h = tp + at(tc, TIP_REG[2:4]) * stride
+    margin = np.maximum(at(hc, HEAD_REG[4:]), 0.0)[:, 0] * stride
+    screws: list[dict[str, Any]] = []
+    paired_h: set[int] = set()
+    paired_t: set[int] = set()
+    if len(hp) and len(tp):
+        cost = (np.linalg.norm(h2t[:, None] - tp[None], axis=-1) + np.linalg.norm(t2h[None] - hp[:, None], axis=-1)) / 2
+        gate = np.maximum(3 * stride, 0.3 * np.linalg.norm(h2t - hp, axis=1))[:, None]
+        big = float(cost.max() * (min(cost.shape) + 1) + 1)
+        for a, b in zip(*linear_sum_assignment(np.where(cost <= gate, cost, big))):
+            if cost[a, b] <= gate[a, 0]:
+                screws.append(_screw(hp[a], tp[b], float(np.sqrt(hs[a] * ts[b])), margin[a]))
+                paired_h.add(int(a))
+                paired_t.add(int(b))
+    for a in set(range(len(hp))) - paired_h:
+        score = float(np.sqrt(hs[a] * _sample(heat[1], h2t[a], stride)))
+        if score >= threshold:
+            screws.append(_screw(hp[a], h2t[a], score, margin[a]))
+    for b in set(range(len(tp))) - paired_t:
+        score = float(np.sqrt(ts[b] * _sample(heat[0], t2h[b], stride)))
+        if score >= threshold:
+            screws.append(_screw(t2h[b], tp[b], score, 0.0))
+    return sorted(screws, key=lambda s: -s["score"])
+
+
+@torch.no_grad()
+def decode_screws(out: Tensor, threshold: float = 0.3, max_screws: int = 50,
+                  stride: int = STRIDE) -> list[list[dict[str, Any]]]:
+    """Head output ``(B, 11, h, w)`` -> per image, screws in input pixels, best score first."""
+    return [_decode_one(o.cpu(), threshold, stride)[:max_screws] for o in out]
+
+
+@register_task
+class DetectTask(HeadTask):
+    """Screws as head/tip keypoint pairs with a box and a confidence."""
+
+    name = "detect"
+    default_head = "screw_keypoints"
+    input_kind = "dense"
+
+    def __init__(self, num_classes: int | None = None, threshold: float = 0.3, max_dist: float = 10.0,
+                 ap_threshold: float = 0.05) -> None:
+        """``threshold``: operating point of precision/recall/errors; predictions are decoded down
+        to ``ap_threshold`` so AP sees the low-confidence tail of the ranking."""
+        super().__init__(num_classes)
+        self.threshold = threshold
+        self.max_dist = max_dist
+        self.ap_threshold = min(ap_threshold, threshold)
+
+    def has_label(self, item: LabeledImage) -> bool:
+        return item.screws is not None
+
+    def targets(self, items: Sequence[LabeledImage]) -> dict[str, Tensor]:
+        enc = [encode_screws(it.screws or [], *it.size) for it in items]
+        return {k: torch.stack([e[k] for e in enc]) for k in enc[0]}
+
+    def loss(self, out: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        return detection_loss(out, targets)
+
+    def predict(self, out: Tensor, originals: Sequence[LabeledImage], size: tuple[int, int]) -> list[list[dict[str, Any]]]:
+        decoded = decode_screws(out, self.ap_threshold)
+        preds = []
+        for screws, item in zip(decoded, originals):
+            sx, sy = item.size[1] / size[1], item.size[0] / size[0]
+            scaled = [scale_screw(s, sx, sy) for s in screws]
+            for s in scaled:
+                d = np.subtract(s["tip"], s["head"])
+                s["angle_deg"] = float(np.degrees(np.arctan2(d[1], d[0])))
+            preds.append(scaled)
+        return preds
+
+    def metrics(self, preds: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any]:
+        return detection_metrics(preds, [it.screws or [] for it in items], max_dist=self.max_dist,
+                                 spacings=[it.pixel_spacing_mm for it in items], score_threshold=self.threshold)

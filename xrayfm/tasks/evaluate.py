@@ -1,0 +1,159 @@
+"""Evaluate head bundles on a split, and embed lake images: the API behind the CLI verbs.
+
+``evaluate_heads`` returns the metrics document written by ``xrayfm evaluate``::
+
+    {"backbone": {"arch", "method", "checkpoint"},
+     "classification": {"accuracy", "precision_macro", "recall_macro", "f1_macro", "top3_accuracy",
+                        "confusion_matrix", "n", "knn_accuracy"?, "baselines"?},
+     "segmentation": {"dice_mean", "iou_mean", "boundary_dice_mean", "n", ...},
+     "detection": {"precision", "recall", "ap", "head_error_px", "tip_error_px", "angle_error_deg",
+                   "head_error_mm", "tip_error_mm", ...},
+     "heads": {task: head bundle path}, "split": ..., "n_images": ...}
+
+Only the tasks of the given heads appear. Per-image lists are left out of the document.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from xrayfm.tasks.base import get_task
+from xrayfm.tasks.data import LabeledImage, images_tensor, resize_item
+from xrayfm.tasks.train import load_head_bundle, predict_items
+
+SECTION = {"classify": "classification", "segment": "segmentation", "detect": "detection"}
+
+
+def _load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    from xrayfm.models.card import load_backbone
+
+    return load_backbone(str(path))
+
+
+@torch.no_grad()
+def pooled_features(backbone: nn.Module, items: Sequence[LabeledImage], img_size: int,
+                    batch_size: int = 64, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Pooled embeddings ``(N, D)`` float32 of items resized to ``img_size``."""
+    backbone.eval()
+    out = []
+    for i in range(0, len(items), batch_size):
+        chunk = [resize_item(it, img_size) for it in items[i:i + batch_size]]
+        out.append(backbone(images_tensor(chunk)).float())
+        if progress is not None:
+            progress(len(chunk))
+    return torch.cat(out) if out else torch.zeros(0, getattr(backbone, "embed_dim", 0))
+
+
+def classification_baselines(backbone: nn.Module, train: Sequence[LabeledImage], test: Sequence[LabeledImage],
+                             num_classes: int, img_size: int, classical: bool = False) -> dict[str, Any]:
+    """Weighted kNN (k=20, T=0.07) on backbone features; optionally PCA+SVM on features and on raw
+    32×32 thumbnails (the no-deep-learning reference)."""
+    from xrayfm.tasks.classify import classical_scores, knn_scores
+    from xrayfm.tasks.metrics import classification_metrics
+
+    def summary(scores: np.ndarray) -> dict[str, float]:
+        m = classification_metrics([it.region_index for it in test], scores, num_classes)
+        return {k: m[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "top3_accuracy")}
+
+    ftr, fte = pooled_features(backbone, train, img_size), pooled_features(backbone, test, img_size)
+    ytr = torch.tensor([it.region_index for it in train])
+    out: dict[str, Any] = {"knn": summary(knn_scores(ftr, ytr, fte, num_classes).numpy())}
+    if classical:
+        out["pca_svm_features"] = summary(classical_scores(ftr.numpy(), ytr.numpy(), fte.numpy(), num_classes))
+        thumbs = [np.stack([resize_item(it, 32).image.ravel() for it in s]) for s in (train, test)]
+        out["pca_svm_pixels"] = summary(classical_scores(thumbs[0], ytr.numpy(), thumbs[1], num_classes))
+    return out
+
+
+def _strip_lists(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in m.items() if not k.endswith("_per_image")}
+
+
+def evaluate_heads(backbone_path: str | Path, head_paths: Sequence[str | Path], items: Sequence[LabeledImage],
+                   train_items: Sequence[LabeledImage] | None = None, classical: bool = False,
+                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Metrics of each head bundle on ``items``; ``train_items`` adds kNN/classical baselines."""
+    backbone, card = _load_backbone(backbone_path)
+    doc: dict[str, Any] = {
+        "backbone": {"arch": card.get("arch"), "method": card.get("method"), "checkpoint": str(backbone_path)},
+        "heads": {}, "n_images": len(items),
+    }
+    for hp in head_paths:
+        head, hcard = load_head_bundle(hp)
+        if hcard["backbone"].get("arch") not in (None, card.get("arch")):
+            raise ValueError(f"head {hp} was trained on {hcard['backbone']['arch']}, not {card.get('arch')}; "
+                             "pass the matching --backbone")
+        bb = backbone
+        if hcard.get("fine_tuned_backbone"):
+            bb, _ = _load_backbone(Path(hp) / hcard["fine_tuned_backbone"])
+        num_classes = hcard["head_kwargs"].get("num_classes") if hcard["task"] == "classify" else None
+        task = get_task(hcard["task"], num_classes)
+        section = SECTION[task.name]
+        if section in doc:
+            raise ValueError(f"two heads for task {task.name}; evaluate one head per task at a time")
+        labelled = [it for it in items if task.has_label(it)]
+        if not labelled:
+            raise ValueError(f"no images of this split carry a {task.name} label; check --labels and --split")
+        preds = predict_items(bb, head, task, labelled, int(hcard["img_size"]), progress=progress)
+        metrics = _strip_lists(task.metrics(preds, labelled))
+        if task.name == "classify" and train_items:
+            tr = [it for it in train_items if task.has_label(it)]
+            metrics["baselines"] = classification_baselines(bb, tr, labelled, task.num_classes or 0,
+                                                            int(hcard["img_size"]), classical)
+            metrics["knn_accuracy"] = metrics["baselines"]["knn"]["accuracy"]
+        doc[section] = metrics
+        doc["heads"][task.name] = str(hp)
+    return doc
+
+
+def embed_lake(backbone_path: str | Path, lake: str, out: str | Path, where: str | None = None,
+               img_size: int | None = None, batch_size: int = 64, chunk: int = 512,
+               progress: Callable[[int], None] | None = None) -> int:
+    """Pooled embeddings of the lake images matching ``where`` into a parquet file.
+
+    Columns: ``image_id`` (str), ``split`` (str), ``embedding`` (fixed-size list of float32);
+    schema metadata ``xrayfm`` holds the backbone arch, method, checkpoint and image size.
+    Returns the number of rows written.
+    """
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from xrayfm.config import atomic_write_bytes
+    from xrayfm.conventions import from_uint16
+    from xrayfm.lake import decode_image, read_rows
+
+    backbone, card = _load_backbone(backbone_path)
+    size = int(img_size or card.get("input_size") or 224)
+    ids = read_rows(lake, where=where, columns=["image_id"]).column("image_id").to_pylist()
+    if not ids:
+        raise ValueError(f"no lake images match {where or 'the lake'}; check --split / --where")
+    rows: dict[str, list[Any]] = {"image_id": [], "split": [], "embedding": []}
+    for i in range(0, len(ids), chunk):
+        quoted = ", ".join("'" + x.replace("'", "''") + "'" for x in ids[i:i + chunk])
+        table = read_rows(lake, where=f"image_id IN ({quoted})", columns=["image_id", "split", "image"])
+        items = [LabeledImage(image=from_uint16(decode_image(r["image"])), image_id=r["image_id"], split=r["split"])
+                 for r in table.to_pylist()]
+        emb = pooled_features(backbone, items, size, batch_size, progress)
+        rows["image_id"] += [it.image_id for it in items]
+        rows["split"] += [it.split for it in items]
+        rows["embedding"] += list(emb.numpy().astype(np.float32))
+    dim = int(rows["embedding"][0].shape[0])
+    meta = {"arch": card.get("arch"), "method": card.get("method"), "checkpoint": str(backbone_path),
+            "img_size": size, "embed_dim": dim}
+    schema = pa.schema([("image_id", pa.string()), ("split", pa.string()),
+                        ("embedding", pa.list_(pa.float32(), dim))], metadata={"xrayfm": json.dumps(meta)})
+    table = pa.table({"image_id": rows["image_id"], "split": rows["split"],
+                      "embedding": pa.FixedSizeListArray.from_arrays(
+                          pa.array(np.concatenate(rows["embedding"]), pa.float32()), dim)}, schema=schema)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    atomic_write_bytes(out, buf.getvalue().to_pybytes())
+    return len(rows["image_id"])

@@ -1,0 +1,305 @@
+"""Metrics for the three head tasks, in numpy/scipy, with every edge case defined.
+
+Classification
+    ``y_true``/``y_pred`` are integer class indices. Macro precision/recall/F1 average the
+    per-class values over the classes that occur in ``y_true`` or ``y_pred`` (a class that never
+    occurs in either says nothing). A ratio whose denominator is 0 (a class never predicted, so
+    precision is undefined) counts as 0. Per-class F1 is ``2PR/(P+R)`` (0 when ``P+R = 0``);
+    macro F1 is the mean of per-class F1, not the F1 of macro P and R.
+
+Segmentation
+    Dice ``2|P∩T|/(|P|+|T|)`` and IoU ``|P∩T|/|P∪T|`` per image; both are 1 when prediction and
+    truth are both empty (nothing to find, nothing claimed). Means are over images.
+    Boundary-band Dice is Dice restricted to the pixels within ``k`` px (Euclidean, centre to
+    centre) of the true boundary, on either side of it; an image without true foreground has no
+    boundary and scores like plain Dice on an empty truth (1 if the prediction is empty, else 0).
+
+Detection (screws)
+    A screw is a directed segment ``head -> tip`` (points ``(x, y)``, xrayfm.conventions). The
+    distance between a predicted and a true screw is the mean of the head distance and the tip
+    distance (head and tip are distinct: no orientation swap). Per image, predictions and truths
+    are matched one-to-one by the Hungarian algorithm (scipy ``linear_sum_assignment``) with
+    pairs farther than ``max_dist`` forbidden: the matching has the most pairs possible, and
+    among those the least total distance. Precision = TP / predictions, recall = TP / truths;
+    with no predictions precision is 1 if there are no truths either, else 0; with no truths
+    recall is 1. Precision, recall and the errors count predictions scoring at least
+    ``score_threshold`` (the operating point); AP ranks all predictions of all images by score; at each rank the TP count is
+    that of the Hungarian matching of each image's predictions up to that rank; AP is the area
+    under the precision envelope (all-point interpolation). Errors (px, and mm where the pixel
+    spacing is known) are means over matched pairs; the angle error is the directed difference
+    of ``atan2(tip - head)`` wrapped to [0, 180] degrees and skips true screws that are end-on
+    (flag set, or projected length below ``min_angle_length``). Undefined means are ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
+
+Spacing = float | tuple[float, float] | None
+
+
+# ---------------------------------------------------------------- classification
+
+
+def _as_labels(y: Any, name: str) -> np.ndarray:
+    a = np.asarray(y)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise ValueError(f"{name}: expected a 1-D array of integer class indices, got {a.dtype} {a.shape}")
+    return a.astype(np.int64)
+
+
+def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
+    """Counts ``C[i, j]`` of samples with true class ``i`` predicted as ``j`` (int64)."""
+    t, p = _as_labels(y_true, "y_true"), _as_labels(y_pred, "y_pred")
+    if t.shape != p.shape:
+        raise ValueError(f"y_true has {t.size} labels but y_pred has {p.size}; pass one prediction per sample")
+    if t.size and (min(t.min(), p.min()) < 0 or max(t.max(), p.max()) >= num_classes):
+        raise ValueError(f"class indices must lie in [0, {num_classes}); got values outside it")
+    return np.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return np.divide(num, den, out=np.zeros(num.shape, dtype=np.float64), where=den > 0)
+
+
+def precision_recall_f1(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class precision, recall, F1 from a confusion matrix, plus the mask of classes present."""
+    tp = np.diag(cm).astype(np.float64)
+    pred_n, true_n = cm.sum(axis=0).astype(np.float64), cm.sum(axis=1).astype(np.float64)
+    prec, rec = _safe_div(tp, pred_n), _safe_div(tp, true_n)
+    f1 = _safe_div(2 * prec * rec, prec + rec)
+    return {"precision": prec, "recall": rec, "f1": f1, "present": (pred_n + true_n) > 0}
+
+
+def top_k_accuracy(y_true: Any, scores: Any, k: int = 3) -> float:
+    """Fraction of samples whose true class is among the ``k`` highest scores (ties: lower index)."""
+    t = _as_labels(y_true, "y_true")
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] != t.size:
+        raise ValueError(f"scores must have shape (N={t.size}, num_classes), got {s.shape}")
+    if t.size == 0:
+        return float("nan")
+    top = np.argsort(-s, axis=1, kind="stable")[:, : min(k, s.shape[1])]
+    return float(np.mean(np.any(top == t[:, None], axis=1)))
+
+
+def classification_metrics(y_true: Any, scores: Any, num_classes: int | None = None) -> dict[str, Any]:
+    """Accuracy, macro P/R/F1, top-3 accuracy and confusion matrix from class scores (N, K)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be a 2-D (N, num_classes) array, got shape {s.shape}")
+    k = num_classes or s.shape[1]
+    t = _as_labels(y_true, "y_true")
+    pred = s.argmax(axis=1) if s.size else np.zeros(0, dtype=np.int64)
+    cm = confusion_matrix(t, pred, k)
+    prf = precision_recall_f1(cm)
+    present = prf["present"]
+    macro = {m: float(prf[m][present].mean()) if present.any() else float("nan") for m in ("precision", "recall", "f1")}
+    return {
+        "accuracy": float(np.mean(pred == t)) if t.size else float("nan"),
+        "precision_macro": macro["precision"],
+        "recall_macro": macro["recall"],
+        "f1_macro": macro["f1"],
+        "top3_accuracy": top_k_accuracy(t, s, 3),
+        "confusion_matrix": cm.tolist(),
+        "n": int(t.size),
+    }
+
+
+# ---------------------------------------------------------------- segmentation
+
+
+def _pair(pred: Any, true: Any) -> tuple[np.ndarray, np.ndarray]:
+    p, t = np.asarray(pred, dtype=bool), np.asarray(true, dtype=bool)
+    if p.shape != t.shape:
+        raise ValueError(f"prediction mask shape {p.shape} differs from truth {t.shape}; resize to the truth")
+    return p, t
+
+
+def dice(pred: Any, true: Any) -> float:
+    """Dice of two boolean masks; 1.0 when both are empty."""
+    p, t = _pair(pred, true)
+    den = int(p.sum()) + int(t.sum())
+    return 1.0 if den == 0 else 2.0 * int(np.logical_and(p, t).sum()) / den
+
+
+def iou(pred: Any, true: Any) -> float:
+    """Intersection over union of two boolean masks; 1.0 when both are empty."""
+    p, t = _pair(pred, true)
+    union = int(np.logical_or(p, t).sum())
+    return 1.0 if union == 0 else int(np.logical_and(p, t).sum()) / union
+
+
+def boundary_band(mask: Any, k: float) -> np.ndarray:
+    """Pixels within ``k`` px of the mask boundary: foreground pixels within ``k`` of a background
+    pixel and background pixels within ``k`` of a foreground pixel (image edges are not boundary)."""
+    m = np.asarray(mask, dtype=bool)
+    if not m.any() or m.all():
+        return np.zeros_like(m)
+    inside = ndimage.distance_transform_edt(m)
+    outside = ndimage.distance_transform_edt(~m)
+    return (m & (inside <= k)) | (~m & (outside <= k))
+
+
+def boundary_dice(pred: Any, true: Any, k: float = 2.0) -> float:
+    """Dice restricted to the band of ``k`` px around the true boundary."""
+    p, t = _pair(pred, true)
+    if not t.any():
+        return dice(p, t)
+    band = boundary_band(t, k)
+    return dice(p[band], t[band])
+
+
+def segmentation_metrics(preds: Sequence[Any], trues: Sequence[Any], boundary_k: float | None = 2.0) -> dict[str, Any]:
+    """Per-image Dice/IoU (and boundary Dice) and their means over images."""
+    if len(preds) != len(trues):
+        raise ValueError(f"{len(preds)} predicted masks but {len(trues)} true masks; pass one per image")
+    d = [dice(p, t) for p, t in zip(preds, trues)]
+    j = [iou(p, t) for p, t in zip(preds, trues)]
+    out: dict[str, Any] = {
+        "dice_mean": float(np.mean(d)) if d else float("nan"),
+        "iou_mean": float(np.mean(j)) if j else float("nan"),
+        "dice_per_image": d,
+        "iou_per_image": j,
+        "n": len(d),
+    }
+    if boundary_k is not None:
+        b = [boundary_dice(p, t, boundary_k) for p, t in zip(preds, trues)]
+        out["boundary_dice_mean"] = float(np.mean(b)) if b else float("nan")
+        out["boundary_k_px"] = boundary_k
+    return out
+
+
+# ---------------------------------------------------------------- detection
+
+
+def _points(screws: Sequence[dict[str, Any]], key: str) -> np.ndarray:
+    return np.asarray([s[key] for s in screws], dtype=np.float64).reshape(-1, 2)
+
+
+def screw_distances(preds: Sequence[dict[str, Any]], trues: Sequence[dict[str, Any]]) -> np.ndarray:
+    """(P, T) matrix of mean(head distance, tip distance) in px."""
+    ph, pt, th, tt = (_points(preds, "head"), _points(preds, "tip"), _points(trues, "head"), _points(trues, "tip"))
+    dh = np.linalg.norm(ph[:, None] - th[None], axis=-1)
+    dt = np.linalg.norm(pt[:, None] - tt[None], axis=-1)
+    return (dh + dt) / 2.0
+
+
+def match_screws(preds: Sequence[dict[str, Any]], trues: Sequence[dict[str, Any]],
+                 max_dist: float) -> list[tuple[int, int, float]]:
+    """Hungarian matching with pairs beyond ``max_dist`` forbidden: ``[(pred_i, true_j, dist)]``."""
+    if not preds or not trues:
+        return []
+    dist = screw_distances(preds, trues)
+    allowed = dist <= max_dist
+    # A forbidden pair costs more than any full set of allowed pairs, so the assignment first
+    # maximises the number of allowed pairs, then minimises their total distance.
+    big = max_dist * (min(dist.shape) + 1) + 1.0
+    rows, cols = linear_sum_assignment(np.where(allowed, dist, big))
+    return [(int(r), int(c), float(dist[r, c])) for r, c in zip(rows, cols) if allowed[r, c]]
+
+
+def _spacing_rc(spacing: Spacing) -> tuple[float, float] | None:
+    if spacing is None:
+        return None
+    if isinstance(spacing, (int, float)):
+        return float(spacing), float(spacing)
+    r, c = spacing
+    return float(r), float(c)
+
+
+def _angle_deg(head: np.ndarray, tip: np.ndarray) -> float:
+    d = tip - head
+    return float(np.degrees(np.arctan2(d[1], d[0])))
+
+
+def angle_difference(a_deg: float, b_deg: float) -> float:
+    """Directed angle difference wrapped to [0, 180] degrees."""
+    return float(abs((a_deg - b_deg + 180.0) % 360.0 - 180.0))
+
+
+def average_precision(tp_increments: np.ndarray, n_true: int) -> float:
+    """All-point interpolated AP from per-rank TP increments (0/1) of score-ranked predictions."""
+    if n_true == 0:
+        return 1.0 if tp_increments.size == 0 else 0.0
+    if tp_increments.size == 0:
+        return 0.0
+    tp = np.cumsum(tp_increments)
+    precision = tp / np.arange(1, tp.size + 1)
+    recall = tp / n_true
+    envelope = np.maximum.accumulate(precision[::-1])[::-1]
+    prev_recall = np.concatenate([[0.0], recall[:-1]])
+    return float(np.sum((recall - prev_recall) * envelope))
+
+
+def _image_tp_curve(preds: Sequence[dict[str, Any]], trues: Sequence[dict[str, Any]],
+                    order: np.ndarray, max_dist: float) -> np.ndarray:
+    """TP count of the matching of the top-i predictions, i = 1..P, minus the count at i-1."""
+    counts = [len(match_screws([preds[j] for j in order[: i + 1]], trues, max_dist)) for i in range(len(order))]
+    return np.diff(np.concatenate([[0], counts])).astype(np.float64)
+
+
+def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence[Sequence[dict[str, Any]]],
+                      max_dist: float = 10.0, spacings: Sequence[Spacing] | None = None,
+                      min_angle_length: float = 5.0, score_threshold: float = 0.0) -> dict[str, Any]:
+    """Screw detection metrics over images. Predictions need ``head``, ``tip``, ``score``; truths
+    need ``head``, ``tip`` and may carry ``end_on``. ``spacings`` (mm, per image) adds mm errors.
+    AP ranks all predictions; precision, recall and errors use those scoring ``>= score_threshold``
+    (the operating point)."""
+    if len(preds) != len(trues):
+        raise ValueError(f"{len(preds)} prediction lists but {len(trues)} truth lists; pass one per image")
+    if spacings is not None and len(spacings) != len(trues):
+        raise ValueError(f"{len(spacings)} pixel spacings for {len(trues)} images; pass one per image (None if unknown)")
+    n_pred = sum(1 for p in preds for s in p if float(s["score"]) >= score_threshold)
+    n_true = sum(len(t) for t in trues)
+    head_px: list[float] = []
+    tip_px: list[float] = []
+    ang: list[float] = []
+    head_mm: list[float] = []
+    tip_mm: list[float] = []
+    ranked: list[tuple[float, float]] = []  # (score, tp increment) over all images
+    tp = 0
+    for i, (p, t) in enumerate(zip(preds, trues)):
+        scores = np.asarray([float(s["score"]) for s in p])
+        order = np.argsort(-scores, kind="stable")
+        ranked += list(zip(scores[order], _image_tp_curve(p, t, order, max_dist)))
+        sp = _spacing_rc(spacings[i]) if spacings is not None else None
+        p = [s for s in p if float(s["score"]) >= score_threshold]
+        for pi, ti, _ in match_screws(p, t, max_dist):
+            tp += 1
+            ph, pt = np.asarray(p[pi]["head"], float), np.asarray(p[pi]["tip"], float)
+            th, tt = np.asarray(t[ti]["head"], float), np.asarray(t[ti]["tip"], float)
+            head_px.append(float(np.linalg.norm(ph - th)))
+            tip_px.append(float(np.linalg.norm(pt - tt)))
+            if sp is not None:
+                scale = np.asarray([sp[1], sp[0]])  # x along columns, y along rows
+                head_mm.append(float(np.linalg.norm((ph - th) * scale)))
+                tip_mm.append(float(np.linalg.norm((pt - tt) * scale)))
+            if not t[ti].get("end_on", False) and np.linalg.norm(tt - th) >= min_angle_length:
+                ang.append(angle_difference(_angle_deg(ph, pt), _angle_deg(th, tt)))
+    ranked.sort(key=lambda r: -r[0])
+    incr = np.asarray([r[1] for r in ranked], dtype=np.float64)
+
+    def mean(v: list[float]) -> float | None:
+        return float(np.mean(v)) if v else None
+
+    return {
+        "precision": tp / n_pred if n_pred else (1.0 if n_true == 0 else 0.0),
+        "recall": tp / n_true if n_true else 1.0,
+        "ap": average_precision(incr, n_true),
+        "head_error_px": mean(head_px),
+        "tip_error_px": mean(tip_px),
+        "angle_error_deg": mean(ang),
+        "head_error_mm": mean(head_mm),
+        "tip_error_mm": mean(tip_mm),
+        "n_pred": n_pred,
+        "n_true": n_true,
+        "n_matched": tp,
+        "max_dist_px": max_dist,
+        "score_threshold": score_threshold,
+    }

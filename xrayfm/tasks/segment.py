@@ -1,0 +1,63 @@
+"""Metal segmentation: soft Dice + BCE on per-pixel logits; masks thresholded at p = 0.5."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xrayfm.tasks.base import HeadTask, register_task
+from xrayfm.tasks.data import LabeledImage
+from xrayfm.tasks.metrics import segmentation_metrics
+
+
+def dice_bce_loss(logits: Tensor, target: Tensor, dice_weight: float = 1.0, smooth: float = 1.0) -> Tensor:
+    """BCE (mean over pixels) + soft Dice loss per image (mean over images).
+
+    The smoothing term makes an empty truth with an empty prediction a loss of ~0, like the
+    metric's empty-vs-empty = 1 convention.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    soft = (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)
+    return bce + dice_weight * (1 - soft).mean()
+
+
+@register_task
+class SegmentTask(HeadTask):
+    """Binary metal mask."""
+
+    name = "segment"
+    default_head = "seg_decoder"
+    input_kind = "dense"
+
+    def has_label(self, item: LabeledImage) -> bool:
+        return item.mask is not None
+
+    def head_kwargs(self) -> dict[str, Any]:
+        return {"num_classes": 1}
+
+    def run_head(self, head: nn.Module, feats: Tensor | list[Tensor], size: tuple[int, int]) -> Tensor:
+        return head(feats, size=size)
+
+    def targets(self, items: Sequence[LabeledImage]) -> dict[str, Tensor]:
+        masks = np.stack([it.mask for it in items]).astype(np.float32)  # type: ignore[misc]
+        return {"mask": torch.from_numpy(masks)[:, None]}
+
+    def loss(self, out: Tensor, targets: dict[str, Tensor]) -> Tensor:
+        return dice_bce_loss(out, targets["mask"])
+
+    def predict(self, out: Tensor, originals: Sequence[LabeledImage], size: tuple[int, int]) -> list[np.ndarray]:
+        preds = []
+        for logit, item in zip(out, originals):
+            up = F.interpolate(logit[None].float(), size=item.size, mode="bilinear", align_corners=False)
+            preds.append((up[0, 0] > 0).cpu().numpy())
+        return preds
+
+    def metrics(self, preds: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any]:
+        return segmentation_metrics(preds, [it.mask for it in items])
