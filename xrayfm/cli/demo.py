@@ -40,11 +40,12 @@ class Profile:
     head_img_size: int
     head_epochs: int
     archs: tuple[str, ...] = ("vit_tiny_patch16", "resnet18")
+    reference_recipe: bool = False  # True: DINO's reference schedules instead of the small-data one
 
 
 PROFILES: dict[str, Profile] = {
     # ~3 minutes on 2 CPU cores: proves the chain runs (used by CI); numbers are not meaningful.
-    "quick": Profile(n_images=48, images_per_study=2, image_size=128, synth_workers=2, pretrain_epochs=1, batch_size=16,
+    "quick": Profile(n_images=48, images_per_study=2, image_size=128, synth_workers=2, pretrain_epochs=3, batch_size=16,
                      global_size=64, local_size=32, n_local=2, out_dim=256, head_img_size=64,
                      head_epochs=5),
     # the README default: under 15 minutes on 2 CPU cores.
@@ -54,10 +55,25 @@ PROFILES: dict[str, Profile] = {
     # for a GPU machine: more data, bigger crops, longer schedules.
     "full": Profile(n_images=4000, images_per_study=8, image_size=256, synth_workers=8, pretrain_epochs=100, batch_size=64,
                     global_size=224, local_size=96, n_local=8, out_dim=4096, head_img_size=224,
-                    head_epochs=50, archs=("vit_small_patch16", "resnet50")),
+                    head_epochs=50, archs=("vit_small_patch16", "resnet50"), reference_recipe=True),
 }
 
 TASKS = ("classify", "segment", "detect")
+
+# DINO's reference schedule (10 warm-up epochs, lr 5e-4 x batch/256, teacher momentum 0.996) is
+# made for 100+ epochs over large data: a few-epoch demo run would never leave warm-up. This
+# small-data recipe keeps every DINO piece and shortens the schedules.
+SMALL_DATA_PRETRAIN = """\
+# written by `xrayfm demo`: DINO schedules for a few hundred images and a few epochs
+base_lr: 0.01
+warmup_epochs: 1
+momentum_teacher: 0.99
+freeze_last_layer_epochs: 1
+teacher_temp: 0.04
+warmup_teacher_temp: 0.04
+hidden_dim: 512
+bottleneck_dim: 128
+"""
 
 
 @dataclass(frozen=True)
@@ -89,11 +105,13 @@ def plan(out: Path, p: Profile, seed: int) -> list[Stage]:
                "0.6,0.2,0.2"], Path()),
         Stage("lake summary", ["lake", "stats", str(lake)], Path()),
     ]
+    recipe = out / "configs" / "pretrain_small_data.yaml"
     for arch in p.archs:
         run = out / "runs" / arch
         stages.append(Stage(
             f"DINO pretraining of {arch}",
             ["pretrain", "--lake", str(lake), "--arch", arch, "--method", "dino", "--out", str(run),
+             *(["--config", str(recipe)] if not p.reference_recipe else []),
              "--epochs", str(p.pretrain_epochs), "--batch-size", str(p.batch_size), "--global-size",
              str(p.global_size), "--local-size", str(p.local_size), "--n-local", str(p.n_local),
              "--out-dim", str(p.out_dim), "--seed", str(seed), "--num-workers", "1"],
@@ -104,7 +122,7 @@ def plan(out: Path, p: Profile, seed: int) -> list[Stage]:
         f"random-init {p.archs[0]} (the baseline the pretrained backbones must beat)",
         ["pretrain", "--lake", str(lake), "--arch", p.archs[0], "--out",
          str(backbones[f"random_{p.archs[0]}"]), "--max-steps", "0", "--global-size", str(p.global_size),
-         "--seed", str(seed)],
+         "--batch-size", str(p.batch_size), "--num-workers", "1", "--seed", str(seed)],
         backbones[f"random_{p.archs[0]}"] / "model_card.json"))
     for name, run in backbones.items():
         for task in TASKS:
@@ -168,7 +186,7 @@ def _pick_samples(synth_dicom: Path, lake: Path, samples: Path, n: int) -> None:
         if picked == n:
             break
         if pixel_hash(pydicom.dcmread(f).pixel_array) in test:
-            shutil.copy2(f, samples / f.name)
+            shutil.copy2(f, samples / "_".join(f.relative_to(synth_dicom).parts))
             picked += 1
     if picked == 0:
         raise UserError(f"no test-split image found in {lake}; re-run the demo with more images")
@@ -187,6 +205,10 @@ def demo_cmd(
         raise UserError("choose one of --quick and --full")
     profile = PROFILES["quick" if quick else "full" if full else "default"]
     stages = plan(out, profile, seed)
+    if not dry_run and not profile.reference_recipe:
+        from xrayfm.config import atomic_write_text
+
+        atomic_write_text(out / "configs" / "pretrain_small_data.yaml", SMALL_DATA_PRETRAIN)
     t0 = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         header = f"[{i}/{len(stages)}] {stage.title}\n  $ {stage.command()}"

@@ -172,8 +172,9 @@ class Trainer:
             dist.all_reduce(t, op=dist.ReduceOp.MIN)
             steps = int(t.item())
         if steps < 1:
-            raise ConfigError(f"the dataset ({n} images per process) is smaller than one batch of "
-                              f"{per_batch}; lower batch_size or add images")
+            raise ConfigError(f"the dataset ({n} images per process, split over "
+                              f"{max(1, self.cfg.num_workers)} data workers) is smaller than one batch of "
+                              f"{per_batch} per worker; lower batch_size or num_workers, or add images")
         return steps
 
     def _batches(self, epoch: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -110,8 +110,10 @@ def xa_dataset(pixels: np.ndarray, patient: FakePatient, view: View, exposure: E
     ds.Modality = "XA"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
     ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = patient.study_date
-    t = int(patient.study_time) + series_number * 100 + instance_number
-    ds.StudyTime, ds.SeriesTime, ds.ContentTime = patient.study_time, f"{t:06d}", f"{t:06d}"
+    st = patient.study_time
+    secs = int(st[:2]) * 3600 + int(st[2:4]) * 60 + int(st[4:6]) + series_number * 60 + instance_number * 2
+    t = f"{secs // 3600 % 24:02d}{secs // 60 % 60:02d}{secs % 60:02d}"  # a valid TM, seconds < 60
+    ds.StudyTime, ds.SeriesTime, ds.ContentTime = st, t, t
     ds.AccessionNumber = patient.accession
     ds.StudyID = str(1000 + patient_index)
     ds.StudyDescription = "Intraoperative fluoroscopy"
