@@ -7,23 +7,12 @@ direction is visible; the mask is every painted pixel. Truth is therefore exact 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 
 import numpy as np
 import pydicom
 import pytest
-import torch
 
 from xrayfm.tasks.data import LabeledImage
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on the shared 2-core machine two contending threads ran ~5x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @functools.lru_cache(maxsize=4)

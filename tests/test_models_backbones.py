@@ -14,14 +14,7 @@ import torch
 from xrayfm.models import create_backbone, export_backbone, list_backbones, load_backbone
 from xrayfm.models.backbones import read_state_dict
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def real_xray(size: int) -> torch.Tensor:

@@ -29,14 +29,7 @@ from xrayfm.ssl.anatomy_views import (
 from xrayfm.ssl.checkpoint import load_checkpoint
 from xrayfm.ssl.multicrop import AugmentConfig
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def anatomy_cfg(**kw: object) -> PretrainConfig:

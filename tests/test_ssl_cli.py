@@ -15,13 +15,7 @@ from xrayfm.models import load_backbone
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

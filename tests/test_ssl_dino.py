@@ -14,14 +14,7 @@ from xrayfm.ssl.dino import DinoHead, DinoLoss, WeightNormLinear, update_momentu
 from xrayfm.ssl.registry import Progress
 from xrayfm.ssl.schedules import linear_warmup, warmup_cosine
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _softmax(xs: list[float]) -> list[float]:

@@ -20,14 +20,7 @@ from xrayfm.models import load_backbone
 from xrayfm.ssl import PretrainConfig, Trainer, train
 from xrayfm.ssl.checkpoint import load_checkpoint
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids spin-wait contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray"

@@ -10,7 +10,6 @@ import nibabel as nib
 import pyarrow.parquet as pq
 import pytest
 import torch
-from tasks_rods import one_thread  # noqa: F401  (autouse fixture)
 
 from xrayfm.cli import main
 from xrayfm.lake import read_rows
@@ -19,6 +18,8 @@ from xrayfm.models import create_backbone, export_backbone
 from xrayfm.privacy import load_or_create_key
 from xrayfm.synth.generate import SynthConfig, generate
 from xrayfm.synth.phantom import make_phantom
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tasks_rods import one_thread  # noqa: F401  (autouse fixture)
 
 from xrayfm.models.backbones import create_backbone
 from xrayfm.models.heads import DETECTION_CHANNELS, create_head, head_info, list_heads
 from xrayfm.tasks.detect import decode_screws, encode_screws
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARCHS = ["vit_tiny_patch16", "resnet18"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tasks_rods import one_thread, rod_item  # noqa: F401  (autouse fixture)
+from tasks_rods import rod_item
 
 from xrayfm.models.backbones import create_backbone
 from xrayfm.tasks.base import get_task
@@ -22,6 +22,8 @@ from xrayfm.tasks.train import (
     set_trainable,
     train_head,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _resnet(size: int) -> torch.nn.Module:
