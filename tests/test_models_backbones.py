@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from xray_images import unit_pixels
 
 from xrayfm.models import create_backbone, export_backbone, list_backbones, load_backbone
 from xrayfm.models.backbones import read_state_dict
@@ -20,11 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def real_xray(size: int) -> torch.Tensor:
     """The pydicom-data ankle radiograph RG3 as a (1, 1, size, size) tensor in [0, 1]."""
     cv2 = pytest.importorskip("cv2")
-    pydicom = pytest.importorskip("pydicom")
-    data = pytest.importorskip("pydicom.data")
-    arr = pydicom.dcmread(data.get_testdata_file("RG3_UNCR.dcm")).pixel_array.astype(np.float32)
-    arr = (arr - arr.min()) / (arr.max() - arr.min())
-    arr = cv2.resize(arr, (size, size), interpolation=cv2.INTER_AREA)
+    arr = cv2.resize(unit_pixels("RG3_UNCR.dcm", as_displayed=False), (size, size), interpolation=cv2.INTER_AREA)
     return torch.from_numpy(np.clip(arr, 0, 1))[None, None]
 
 

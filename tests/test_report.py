@@ -11,6 +11,7 @@ import pytest
 import torch
 from tasks_rods import rod_item
 from test_bundle import SIZE, build_tiny_bundle
+from xray_images import testdata_file
 
 from xrayfm.cli import main
 from xrayfm.models.backbones import create_backbone
@@ -21,14 +22,6 @@ from xrayfm.report.inputs import load_metrics, load_run
 from xrayfm.tasks.base import get_task
 from xrayfm.tasks.evaluate import evaluate_heads
 from xrayfm.tasks.train import HeadTrainConfig, head_arguments, save_head_bundle, train_head
-
-
-def _dicom(name: str) -> Path:
-    data = pytest.importorskip("pydicom.data", reason="pydicom-data is needed for real DICOM files")
-    path = data.get_testdata_file(name)
-    if path is None:
-        pytest.skip(f"pydicom test file {name} unavailable")
-    return Path(path)
 
 
 def test_cls_attention_equals_timm_reference_attention() -> None:
@@ -140,9 +133,9 @@ def test_report_cli_writes_one_self_contained_file(
         "--model",
         str(inputs["bundle"]),
         "--images",
-        str(_dicom("RG1_UNCR.dcm")),
+        str(testdata_file("RG1_UNCR.dcm")),
         "--images",
-        str(_dicom("RG3_UNCR.dcm")),
+        str(testdata_file("RG3_UNCR.dcm")),
     ]
     with pytest.raises(SystemExit) as done:
         main(args)

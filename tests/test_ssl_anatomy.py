@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_ssl_trainer import real_xrays, tiny_cfg
+from test_ssl_trainer import tiny_cfg
+from xray_images import real_xrays
 
 from xrayfm.config import ConfigError, from_dict, to_dict
 from xrayfm.models import create_backbone, load_backbone

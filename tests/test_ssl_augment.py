@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from xray_images import unit_pixels
 
 from xrayfm.ssl import augment as A
 from xrayfm.ssl.multicrop import (
@@ -20,14 +21,7 @@ from xrayfm.ssl.multicrop import (
 def xray() -> torch.Tensor:
     """The pydicom-data PA chest RG1 (MONOCHROME1, inverted to dense-bright), 96x80, in [0, 1]."""
     cv2 = pytest.importorskip("cv2")
-    pydicom = pytest.importorskip("pydicom")
-    data = pytest.importorskip("pydicom.data")
-    ds = pydicom.dcmread(data.get_testdata_file("RG1_UNCR.dcm"))
-    arr = ds.pixel_array.astype(np.float32)
-    arr = (arr - arr.min()) / (arr.max() - arr.min())
-    if ds.PhotometricInterpretation == "MONOCHROME1":
-        arr = 1.0 - arr
-    arr = cv2.resize(arr, (80, 96), interpolation=cv2.INTER_AREA)
+    arr = cv2.resize(unit_pixels("RG1_UNCR.dcm", as_displayed=True), (80, 96), interpolation=cv2.INTER_AREA)
     return torch.from_numpy(np.clip(arr, 0, 1))[None]
 
 

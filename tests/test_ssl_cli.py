@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from io_testdata import SHARED_XRAY
 
 from xrayfm.cli import main
 from xrayfm.models import load_backbone
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray"
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,8 +22,8 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> str:
     src = tmp_path_factory.mktemp("src")
     for name in ("RG1_UNCR.dcm", "RG3_UNCR.dcm"):
         shutil.copy(data.get_testdata_file(name), src / name)
-    if SHARED.is_dir():
-        for f in SHARED.glob("*.png"):
+    if SHARED_XRAY.is_dir():
+        for f in SHARED_XRAY.glob("*.png"):
             shutil.copy(f, src / f.name)
     root = tmp_path_factory.mktemp("lake")
     with pytest.raises(SystemExit) as done:

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.utils.data import IterableDataset
+from xray_images import real_xrays
 
 from xrayfm.config import ConfigError
 from xrayfm.models import load_backbone
@@ -21,38 +22,6 @@ from xrayfm.ssl import PretrainConfig, Trainer, train
 from xrayfm.ssl.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray"
-
-
-def real_xrays(n: int, size: int = 64) -> list[dict[str, torch.Tensor]]:
-    """``n`` items {"image": (1, size, size) in [0, 1]} cut from real radiographs.
-
-    pydicom-data's chest (RG1, MONOCHROME1) and ankle (RG3), plus the team's PNGs when present;
-    each source image gives several different square tiles so ``n`` can exceed the file count.
-    """
-    cv2 = pytest.importorskip("cv2")
-    pydicom = pytest.importorskip("pydicom")
-    data = pytest.importorskip("pydicom.data")
-    sources = []
-    for name in ("RG1_UNCR.dcm", "RG3_UNCR.dcm"):
-        ds = pydicom.dcmread(data.get_testdata_file(name))
-        arr = ds.pixel_array.astype(np.float32)
-        arr = (arr - arr.min()) / (arr.max() - arr.min())
-        sources.append(1.0 - arr if ds.PhotometricInterpretation == "MONOCHROME1" else arr)
-    for png in sorted(SHARED.glob("*.png")) if SHARED.is_dir() else []:
-        sources.append(cv2.imread(str(png), cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255.0)
-    items = []
-    for i in range(n):
-        img = sources[i % len(sources)]
-        h, w = img.shape
-        side = min(h, w) * (1.0 - 0.1 * (i // len(sources) % 4))
-        top, left = int((h - side) * 0.5), int((w - side) * ((i // len(sources)) % 3) / 2)
-        tile = img[top:top + int(side), left:left + int(side)]
-        tile = cv2.resize(tile, (size, size), interpolation=cv2.INTER_AREA)
-        items.append({"image": torch.from_numpy(np.clip(tile, 0, 1))[None]})
-    return items
 
 
 def tiny_cfg(**kw: object) -> PretrainConfig:
