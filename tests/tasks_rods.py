@@ -2,17 +2,25 @@
 
 Each screw is a bright rod from ``head`` to ``tip`` with a wider disc at the head, so its
 direction is visible; the mask is every painted pixel. Truth is therefore exact and known.
+``build_tiny_bundle`` trains the three heads on such crops into a tiny model bundle.
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+import torch
 
+from xrayfm.models.backbones import create_backbone
+from xrayfm.models.bundle import ModelBundle
+from xrayfm.models.card import export_backbone, load_backbone
+from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import LabeledImage
+from xrayfm.tasks.train import HeadTrainConfig, head_arguments, save_head_bundle, train_head
 
 
 @functools.lru_cache(maxsize=4)
@@ -73,3 +81,29 @@ def rod_item(seed: int, size: int = 64, n_max: int = 2, image: str = "RG1_UNCR.d
     return LabeledImage(image=img.astype(np.float32), image_id=f"rod{seed}", split=split,
                         region_index=0 if image.startswith("RG1") else 1, mask=mask, screws=screws,
                         pixel_spacing_mm=0.5)
+
+
+BUNDLE_SIZE = 64
+
+
+def build_tiny_bundle(
+    root: Path, tasks: tuple[str, ...] = ("classify", "segment", "detect"), arch: str = "vit_tiny_patch16"
+) -> Path:
+    """Random-init ``arch`` exported with export_backbone + heads trained 2 epochs on painted rods."""
+    torch.manual_seed(0)
+    bb_dir = root / "backbone"
+    export_backbone(
+        create_backbone(arch, img_size=BUNDLE_SIZE), bb_dir, BUNDLE_SIZE, extra={"method": "random_init"}
+    )
+    backbone, card = load_backbone(str(bb_dir))
+    items = [rod_item(i, size=BUNDLE_SIZE, image="RG1_UNCR.dcm" if i % 2 else "RG3_UNCR.dcm") for i in range(8)]
+    heads = []
+    for task in tasks:
+        cfg = HeadTrainConfig(task=task, img_size=BUNDLE_SIZE, epochs=2, batch_size=8, head_width=16)
+        head, history = train_head(backbone, items, cfg)
+        heads.append(
+            save_head_bundle(
+                root / f"head_{task}", head, cfg, backbone, card, history, head_arguments(get_task(task), cfg)
+            )
+        )
+    return ModelBundle.create(bb_dir, heads, root / "bundle")

@@ -8,36 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tasks_rods import radiograph, rod_item
+from tasks_rods import BUNDLE_SIZE, radiograph
 
 from xrayfm.models.backbones import create_backbone
 from xrayfm.models.bundle import ModelBundle, joint_features, screw_mm
-from xrayfm.models.card import export_backbone, load_backbone
-from xrayfm.tasks.base import get_task
-from xrayfm.tasks.train import HeadTrainConfig, head_arguments, save_head_bundle, train_head
-
-SIZE = 64
-
-
-def build_tiny_bundle(
-    root: Path, tasks: tuple[str, ...] = ("classify", "segment", "detect"), arch: str = "vit_tiny_patch16"
-) -> Path:
-    """Random-init ``arch`` exported with export_backbone + heads trained 2 epochs on painted rods."""
-    torch.manual_seed(0)
-    bb_dir = root / "backbone"
-    export_backbone(create_backbone(arch, img_size=SIZE), bb_dir, SIZE, extra={"method": "random_init"})
-    backbone, card = load_backbone(str(bb_dir))
-    items = [rod_item(i, size=SIZE, image="RG1_UNCR.dcm" if i % 2 else "RG3_UNCR.dcm") for i in range(8)]
-    heads = []
-    for task in tasks:
-        cfg = HeadTrainConfig(task=task, img_size=SIZE, epochs=2, batch_size=8, head_width=16)
-        head, history = train_head(backbone, items, cfg)
-        heads.append(
-            save_head_bundle(
-                root / f"head_{task}", head, cfg, backbone, card, history, head_arguments(get_task(task), cfg)
-            )
-        )
-    return ModelBundle.create(bb_dir, heads, root / "bundle")
+from xrayfm.models.card import export_backbone
 
 
 def real_image(name: str, side: int) -> np.ndarray:
@@ -45,14 +20,9 @@ def real_image(name: str, side: int) -> np.ndarray:
     return np.clip(radiograph(name, side=side), 0.0, 1.0)
 
 
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
-
-
 def test_bundle_folder_and_card(bundle_dir: Path) -> None:
     card = json.loads((bundle_dir / "bundle.json").read_text())
-    assert card["input_size"] == SIZE and card["arch"] == "vit_tiny_patch16"
+    assert card["input_size"] == BUNDLE_SIZE and card["arch"] == "vit_tiny_patch16"
     assert set(card["heads"]) == {"classify", "segment", "detect"}
     assert card["class_names"][0] == "head" and len(card["class_names"]) == 11
     for task in card["heads"]:
@@ -64,8 +34,8 @@ def test_bundle_folder_and_card(bundle_dir: Path) -> None:
 @pytest.mark.parametrize("arch", ["vit_tiny_patch16", "resnet18"])
 def test_joint_features_equal_separate_calls(arch: str) -> None:
     torch.manual_seed(0)
-    bb = create_backbone(arch, img_size=SIZE).eval()
-    x = torch.rand(2, 1, SIZE, SIZE)
+    bb = create_backbone(arch, img_size=BUNDLE_SIZE).eval()
+    x = torch.rand(2, 1, BUNDLE_SIZE, BUNDLE_SIZE)
     with torch.no_grad():
         pooled, dense = joint_features(bb, x)
         assert torch.allclose(pooled, bb(x), atol=1e-5)
@@ -121,7 +91,7 @@ def test_bundle_subset_and_errors(tmp_path: Path, bundle_dir: Path) -> None:
     with pytest.raises(ValueError, match="two segment heads"):
         ModelBundle.create(bundle_dir, [bundle_dir / "heads" / "segment"] * 2, tmp_path / "x")
     other = tmp_path / "other_bb"
-    export_backbone(create_backbone("vit_tiny_patch16", img_size=SIZE), other, SIZE)
+    export_backbone(create_backbone("vit_tiny_patch16", img_size=BUNDLE_SIZE), other, BUNDLE_SIZE)
     with pytest.raises(ValueError, match="other backbone weights"):
         ModelBundle.create(other, [bundle_dir / "heads" / "segment"], tmp_path / "y")
     with pytest.raises(FileNotFoundError, match="not a model bundle"):

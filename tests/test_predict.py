@@ -10,16 +10,10 @@ import cv2
 import numpy as np
 import pytest
 from io_testdata import SHARED_XRAY
-from test_bundle import build_tiny_bundle
-from xray_images import testdata_file
+from xray_images import pydicom_data_file
 
 from xrayfm.cli import main
 from xrayfm.serve.results import aggregate, rle_decode, rle_encode
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_bundle(tmp_path_factory.mktemp("pred"))
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -61,12 +55,12 @@ def test_predict_dicom_png_multiframe_folder(
     import pydicom
 
     rg1 = tmp_path / "RG1_UNCR.dcm"  # real CR pixels; PixelSpacing set (the original says 0, unknown)
-    ds = pydicom.dcmread(testdata_file("RG1_UNCR.dcm"))
+    ds = pydicom.dcmread(pydicom_data_file("RG1_UNCR.dcm"))
     ds.PixelSpacing = [0.2, 0.1]
     ds.save_as(rg1)
-    mf = testdata_file("emri_small.dcm")  # real MR, 10 frames
+    mf = pydicom_data_file("emri_small.dcm")  # real MR, 10 frames
     png = tmp_path / "ankle.png"
-    a = pydicom.dcmread(testdata_file("RG3_UNCR.dcm")).pixel_array.astype(np.float64)
+    a = pydicom.dcmread(pydicom_data_file("RG3_UNCR.dcm")).pixel_array.astype(np.float64)
     cv2.imwrite(str(png), (255 * (a - a.min()) / np.ptp(a)).astype(np.uint8)[::4, ::4])
     folder = tmp_path / "folder"
     (folder / "sub").mkdir(parents=True)
@@ -140,7 +134,7 @@ def test_predict_errors(tmp_path: Path, bundle_dir: Path, capsys: pytest.Capture
     )
     assert code != 0 and "does not exist" in text
     code, text = _run(
-        capsys, "predict", str(testdata_file("RG1_UNCR.dcm")), "--model", str(tmp_path), "--out", str(tmp_path)
+        capsys, "predict", str(pydicom_data_file("RG1_UNCR.dcm")), "--model", str(tmp_path), "--out", str(tmp_path)
     )
     assert code != 0 and "not a model bundle" in text
 
@@ -155,7 +149,7 @@ def test_file_predictor_batches_across_files_and_drops_failed_files(tmp_path: Pa
     rng = np.random.default_rng(0)
     for name in ("a.png", "c.png"):
         cv2.imwrite(str(src / name), rng.integers(0, 255, (40, 56), dtype=np.uint8))
-    data = testdata_file("emri_small.dcm").read_bytes()
+    data = pydicom_data_file("emri_small.dcm").read_bytes()
     (src / "b_truncated.dcm").write_bytes(data[: len(data) - 30000])  # real MR, pixel data cut short
     bundle = ModelBundle.load(bundle_dir)
     passes: list[int] = []
@@ -178,8 +172,8 @@ def test_predict_writes_dicom_seg_for_single_frame_dicom(
     hd = pytest.importorskip("highdicom", reason="highdicom is needed for DICOM SEG output")
     import pydicom
 
-    rg1 = testdata_file("RG1_UNCR.dcm")
-    mf = testdata_file("emri_small.dcm")
+    rg1 = pydicom_data_file("RG1_UNCR.dcm")
+    mf = pydicom_data_file("emri_small.dcm")
     out = tmp_path / "out"
     code, text = _run(
         capsys,

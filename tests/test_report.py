@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tasks_rods import rod_item
-from test_bundle import SIZE, build_tiny_bundle
-from xray_images import testdata_file
+from tasks_rods import BUNDLE_SIZE, rod_item
+from xray_images import pydicom_data_file
 
 from xrayfm.cli import main
 from xrayfm.models.backbones import create_backbone
@@ -62,24 +61,24 @@ def test_pca_2d_matches_sklearn() -> None:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def inputs(tmp_path_factory: pytest.TempPathFactory, bundle_dir: Path) -> dict[str, object]:
     """A real bundle, a pretrain-like run folder and real `evaluate_heads` documents (two label fractions)."""
     root = tmp_path_factory.mktemp("report")
-    bundle = build_tiny_bundle(root)
-    items = [rod_item(i, size=SIZE, image="RG1_UNCR.dcm" if i % 2 else "RG3_UNCR.dcm") for i in range(8)]
+    built = bundle_dir.parent  # the bundle's backbone and head bundles
+    items = [rod_item(i, size=BUNDLE_SIZE, image="RG1_UNCR.dcm" if i % 2 else "RG3_UNCR.dcm") for i in range(8)]
     test = [
-        rod_item(100 + i, size=SIZE, image="RG1_UNCR.dcm" if i % 2 else "RG3_UNCR.dcm", split="test")
+        rod_item(100 + i, size=BUNDLE_SIZE, image="RG1_UNCR.dcm" if i % 2 else "RG3_UNCR.dcm", split="test")
         for i in range(6)
     ]
-    heads = [root / f"head_{t}" for t in ("classify", "segment", "detect")]
-    full = evaluate_heads(root / "backbone", heads, test, items)
-    bb, card = load_backbone(str(root / "backbone"))
-    cfg = HeadTrainConfig(task="classify", img_size=SIZE, epochs=2, batch_size=8, label_fraction=0.5)
+    heads = [built / f"head_{t}" for t in ("classify", "segment", "detect")]
+    full = evaluate_heads(built / "backbone", heads, test, items)
+    bb, card = load_backbone(str(built / "backbone"))
+    cfg = HeadTrainConfig(task="classify", img_size=BUNDLE_SIZE, epochs=2, batch_size=8, label_fraction=0.5)
     head, hist = train_head(bb, items, cfg)
     half_dir = save_head_bundle(
         root / "head_half", head, cfg, bb, card, hist, head_arguments(get_task("classify"), cfg)
     )
-    half = evaluate_heads(root / "backbone", [half_dir], test)
+    half = evaluate_heads(built / "backbone", [half_dir], test)
     paths = {}
     for name, doc in (("full", full), ("half", half)):
         paths[name] = root / f"{name}.json"
@@ -89,9 +88,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     (run / "metrics.jsonl").write_text(
         "".join(json.dumps({"step": s, "loss": 5.0 / s, "images_per_s": 10.0}) + "\n" for s in range(1, 6))
     )
-    (run / "model_card.json").write_text((root / "backbone" / "model_card.json").read_text())
+    (run / "model_card.json").write_text((built / "backbone" / "model_card.json").read_text())
     (run / "config.yaml").write_text("arch: vit_tiny_patch16\nepochs: 1\n")
-    return {"bundle": bundle, "full": paths["full"], "half": paths["half"], "run": run}
+    return {"bundle": bundle_dir, "full": paths["full"], "half": paths["half"], "run": run}
 
 
 def test_metrics_and_run_loading(inputs: dict[str, Path]) -> None:
@@ -133,9 +132,9 @@ def test_report_cli_writes_one_self_contained_file(
         "--model",
         str(inputs["bundle"]),
         "--images",
-        str(testdata_file("RG1_UNCR.dcm")),
+        str(pydicom_data_file("RG1_UNCR.dcm")),
         "--images",
-        str(testdata_file("RG3_UNCR.dcm")),
+        str(pydicom_data_file("RG3_UNCR.dcm")),
     ]
     with pytest.raises(SystemExit) as done:
         main(args)

@@ -11,16 +11,15 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from test_bundle import build_tiny_bundle
-from xray_images import testdata_file
+from xray_images import pydicom_data_file
 
 from xrayfm.models.bundle import ModelBundle
 from xrayfm.serve.app import create_app
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> ModelBundle:
-    return ModelBundle.load(build_tiny_bundle(tmp_path_factory.mktemp("serve")))
+def bundle(bundle_dir: Path) -> ModelBundle:
+    return ModelBundle.load(bundle_dir)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def client(bundle: ModelBundle) -> TestClient:
 def png_bytes() -> bytes:
     import pydicom
 
-    a = pydicom.dcmread(testdata_file("RG3_UNCR.dcm")).pixel_array.astype(np.float64)[::8, ::8]
+    a = pydicom.dcmread(pydicom_data_file("RG3_UNCR.dcm")).pixel_array.astype(np.float64)[::8, ::8]
     ok, buf = cv2.imencode(".png", (65535 * (a - a.min()) / np.ptp(a)).astype(np.uint16))
     assert ok
     return buf.tobytes()
@@ -52,7 +51,7 @@ def test_health_model_and_viewer(client: TestClient) -> None:
 
 
 def test_predict_dicom_with_overlay(client: TestClient) -> None:
-    path = testdata_file("RG1_UNCR.dcm")
+    path = pydicom_data_file("RG1_UNCR.dcm")
     r = client.post("/v1/predict?overlay=true", files={"file": ("RG1_UNCR.dcm", path.read_bytes())})
     assert r.status_code == 200, r.text
     doc = r.json()
@@ -68,7 +67,7 @@ def test_predict_png_and_multiframe(client: TestClient, png_bytes: bytes) -> Non
     assert r.status_code == 200, r.text
     fr = r.json()["frames"][0]
     assert "overlay_png_base64" not in fr and fr["pixel_spacing_mm"] is None
-    r = client.post("/v1/predict", files={"file": ("mr.dcm", testdata_file("emri_small.dcm").read_bytes())})
+    r = client.post("/v1/predict", files={"file": ("mr.dcm", pydicom_data_file("emri_small.dcm").read_bytes())})
     doc = r.json()
     assert r.status_code == 200 and len(doc["frames"]) == 10 and doc["aggregate"]["frames"] == 10
 
@@ -76,7 +75,7 @@ def test_predict_png_and_multiframe(client: TestClient, png_bytes: bytes) -> Non
 def test_bad_uploads_get_clear_4xx(client: TestClient) -> None:
     r = client.post("/v1/predict", files={"file": ("notes.txt", b"hello, not an image")})
     assert r.status_code == 415 and "notes.txt" in r.json()["detail"] and "DICOM" in r.json()["detail"]
-    truncated = testdata_file("RG1_UNCR.dcm").read_bytes()[:4000]
+    truncated = pydicom_data_file("RG1_UNCR.dcm").read_bytes()[:4000]
     r = client.post("/v1/predict", files={"file": ("cut.dcm", truncated)})
     assert 400 <= r.status_code < 500 and "cut.dcm" in r.json()["detail"] and "/tmp" not in r.json()["detail"]
     r = client.post("/v1/predict", files={"file": ("empty.png", b"")})

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-from test_bundle import build_tiny_bundle
 
 from xrayfm.models.bundle import ModelBundle
 from xrayfm.serve.app import create_app
@@ -36,7 +35,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_viewer_shows_overlay_and_findings(tmp_path: Path) -> None:
+def test_viewer_shows_overlay_and_findings(request: pytest.FixtureRequest) -> None:
     if not Path(CHROMIUM).is_file():
         pytest.skip("no chromium binary (apt-get install chromium) for the browser test")
     sync_api = pytest.importorskip(
@@ -46,7 +45,7 @@ def test_viewer_shows_overlay_and_findings(tmp_path: Path) -> None:
     data = pytest.importorskip("pydicom.data", reason="pydicom-data is needed for a real DICOM")
     dicom = data.get_testdata_file("RG3_UNCR.dcm")
 
-    bundle = ModelBundle.load(build_tiny_bundle(tmp_path))
+    bundle = ModelBundle.load(request.getfixturevalue("bundle_dir"))  # after the skips: no build when skipped
     port = _free_port()
     server = uvicorn.Server(
         uvicorn.Config(create_app(bundle, token="tok"), host="127.0.0.1", port=port, log_level="warning")

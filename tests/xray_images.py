@@ -10,7 +10,7 @@ import torch
 from io_testdata import SHARED_XRAY
 
 
-def testdata_file(name: str) -> Path:
+def pydicom_data_file(name: str) -> Path:
     """Path of a pydicom-data file; skip the test when pydicom-data or the file is unavailable."""
     data = pytest.importorskip("pydicom.data", reason="pydicom-data is needed for real DICOM files")
     path = data.get_testdata_file(name)
