@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ddp_runs import train_two_ranks
 from test_ssl_trainer import tiny_cfg
 from xray_images import real_xrays
 
@@ -197,22 +195,8 @@ def test_resume_continues_to_the_same_weights(tmp_path: Path) -> None:
               show_progress=False)
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    trainer = Trainer(anatomy_cfg(max_steps=2), Path(out) / "run", real_xrays(16), show_progress=False)
-    trainer.fit()
-    torch.save({k: v.detach().clone() for k, v in trainer.method.state_dict().items()}, Path(out) / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
-
-
 def test_ddp_two_gloo_processes_stay_in_sync(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    r0, r1 = train_two_ranks(anatomy_cfg(max_steps=2), tmp_path)
     assert any(k.startswith("student.decompose.") for k in r0)
     for key in r0:  # compose/decompose MLPs included: their gradients are all-reduced too
         assert torch.equal(r0[key], r1[key]), key

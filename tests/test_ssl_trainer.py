@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ddp_runs import train_two_ranks
 from torch.utils.data import IterableDataset
 from xray_images import real_xrays
 
@@ -108,24 +106,8 @@ def test_resnet18_bf16_steps_are_finite(tmp_path: Path) -> None:
     assert card["dense_strides"] == [4, 8, 16, 32] and not card["finished"]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    trainer = Trainer(tiny_cfg(max_steps=2), Path(out) / "run", real_xrays(16), show_progress=False)
-    trainer.fit()
-    state = {k: v.detach().clone() for k, v in trainer.method.state_dict().items()}
-    torch.save(state, Path(out) / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
-
-
 def test_ddp_two_gloo_processes_stay_in_sync(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    r0, r1 = train_two_ranks(tiny_cfg(max_steps=2), tmp_path)
     for key in r0:
         assert torch.equal(r0[key], r1[key]), key
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pth")
