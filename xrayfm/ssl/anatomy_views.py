@@ -19,21 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xrayfm.config import ConfigError
-from xrayfm.ssl.augment import (
-    Collimation,
-    GaussianBlur,
-    InvertPolarity,
-    Pipeline,
-    QuantumNoise,
-    RandomContrastBrightness,
-    RandomFlip,
-    RandomGamma,
-    RandomResizedCrop,
-    RandomWindowLevel,
-    Solarize,
-    XrayTransform,
-)
-from xrayfm.ssl.multicrop import AugmentConfig
+from xrayfm.ssl.augment import Pipeline, RandomFlip, RandomResizedCrop
+from xrayfm.ssl.multicrop import AugmentConfig, photometric
 
 Box = tuple[int, int, int, int]  # top, left, height, width
 
@@ -116,24 +103,6 @@ def staged_granularity(epoch: int, epochs: int, granularities: Sequence[int]) ->
     """Granularity of ``epoch`` when the epochs are split evenly into stages, coarse to fine."""
     stage = min(len(granularities) - 1, epoch * len(granularities) // max(1, epochs))
     return int(granularities[stage])
-
-
-def photometric(a: AugmentConfig, blur_p: float, solarize_p: float) -> list[XrayTransform]:
-    """The DINO view pipeline of :mod:`xrayfm.ssl.multicrop` minus flips and rotations.
-
-    Geometric changes happen once per window (before it is split), so every part stays where
-    it is in the window and the part-whole correspondence is kept.
-    """
-    return [
-        RandomWindowLevel(p=a.window_p),
-        RandomGamma(p=a.gamma_p),
-        RandomContrastBrightness(p=a.contrast_p),
-        GaussianBlur(p=blur_p),
-        Solarize(p=solarize_p),
-        QuantumNoise(p=a.noise_p),
-        InvertPolarity(p=a.invert_p),
-        Collimation(p=a.collimation_p),
-    ]
 
 
 class AnatomyTransform:

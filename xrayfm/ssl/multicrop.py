@@ -50,6 +50,25 @@ class AugmentConfig:
     collimation_p: float = 0.3
 
 
+def photometric(a: AugmentConfig, blur_p: float, solarize_p: float) -> list[XrayTransform]:
+    """The view pipeline after its flips and rotations: window/level, gamma, contrast, blur,
+    solarisation, noise, polarity and collimation, in that order.
+
+    :class:`MultiCropTransform` puts a flip and a rotation before it; the anatomy method
+    (:mod:`xrayfm.ssl.anatomy_views`) flips once per window instead, so parts keep their place.
+    """
+    return [
+        RandomWindowLevel(p=a.window_p),
+        RandomGamma(p=a.gamma_p),
+        RandomContrastBrightness(p=a.contrast_p),
+        GaussianBlur(p=blur_p),
+        Solarize(p=solarize_p),
+        QuantumNoise(p=a.noise_p),
+        InvertPolarity(p=a.invert_p),
+        Collimation(p=a.collimation_p),
+    ]
+
+
 def sample_seed(seed: int, epoch: int, key: int | str) -> int:
     """A 63-bit seed for one sample, decorrelated across (seed, epoch, key)."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest()
@@ -70,25 +89,18 @@ class MultiCropTransform:
         a = aug or AugmentConfig()
         self.n_local = n_local
 
-        def photometric(blur_p: float, solarize_p: float) -> list[XrayTransform]:
+        def augment(blur_p: float, solarize_p: float) -> list[XrayTransform]:
             return [
                 RandomFlip(a.flip_p, a.vflip_p),
                 RandomRotation(a.rotate_degrees, p=a.rotate_p),
-                RandomWindowLevel(p=a.window_p),
-                RandomGamma(p=a.gamma_p),
-                RandomContrastBrightness(p=a.contrast_p),
-                GaussianBlur(p=blur_p),
-                Solarize(p=solarize_p),
-                QuantumNoise(p=a.noise_p),
-                InvertPolarity(p=a.invert_p),
-                Collimation(p=a.collimation_p),
+                *photometric(a, blur_p, solarize_p),
             ]
 
         self.global_views = [
-            Pipeline([RandomResizedCrop(global_size, global_scale), *photometric(1.0, 0.0)]),
-            Pipeline([RandomResizedCrop(global_size, global_scale), *photometric(0.1, a.solarize_p)]),
+            Pipeline([RandomResizedCrop(global_size, global_scale), *augment(1.0, 0.0)]),
+            Pipeline([RandomResizedCrop(global_size, global_scale), *augment(0.1, a.solarize_p)]),
         ]
-        self.local_view = Pipeline([RandomResizedCrop(local_size, local_scale), *photometric(0.5, 0.0)])
+        self.local_view = Pipeline([RandomResizedCrop(local_size, local_scale), *augment(0.5, 0.0)])
 
     def __call__(self, img: Tensor, g: torch.Generator) -> dict[str, Tensor]:
         """Return ``{"global": (2, 1, G, G), "local": (n_local, 1, L, L)}``."""
