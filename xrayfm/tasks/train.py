@@ -145,18 +145,22 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
             losses = []
             for idx in torch.from_numpy(rng.permutation(len(resized))).split(cfg.batch_size):
                 out = task.run_head(head, cache.batch(idx), size)
-                loss = task.loss(out, index_targets(targets, idx))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
+                losses.append(_step(task.loss(out, index_targets(targets, idx)), opt, sched))
                 progress(len(idx))
             history.append({"epoch": epoch, "loss": float(np.mean(losses))})
     set_trainable(backbone, 0)
     backbone.eval()
     head.eval()
     return head, history
+
+
+def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any) -> float:
+    """One optimiser and learning-rate step on ``loss``; returns the loss value."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss.item()
 
 
 def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: list[LabeledImage],
@@ -180,12 +184,7 @@ def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: li
             with torch.set_grad_enabled(cfg.unfreeze != 0):
                 feats = backbone_features(backbone, x, task.input_kind)
             out = task.run_head(head, feats, size)
-            loss = task.loss(out, task.targets(batch))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+            losses.append(_step(task.loss(out, task.targets(batch)), opt, sched))
             progress(len(idx))
         history.append({"epoch": epoch, "loss": float(np.mean(losses))})
     return history
