@@ -51,7 +51,7 @@ PROFILES: dict[str, Profile] = {
     # the README default: under 15 minutes on 2 CPU cores.
     "default": Profile(n_images=320, images_per_study=4, image_size=256, synth_workers=2, pretrain_epochs=6, batch_size=32,
                        global_size=128, local_size=64, n_local=4, out_dim=1024, head_img_size=128,
-                       head_epochs=30),
+                       head_epochs=20),
     # for a GPU machine: more data, bigger crops, longer schedules.
     "full": Profile(n_images=4000, images_per_study=8, image_size=256, synth_workers=8, pretrain_epochs=100, batch_size=64,
                     global_size=224, local_size=96, n_local=8, out_dim=4096, head_img_size=224,
