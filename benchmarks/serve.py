@@ -1,14 +1,20 @@
 """Benchmark predict and serve: per-image latency, one joint backbone pass vs one pass per head,
-and service throughput with and without request batching.
+and the service's requests/s and p50/p95 latency for single (sequential) requests and for
+concurrent requests with and without batching.
 
     .venv/bin/python benchmarks/serve.py                 # vit_tiny_patch16 at 224 px, 16 requests
     .venv/bin/python benchmarks/serve.py --arch resnet18 --size 224 --requests 32
+    .venv/bin/python benchmarks/serve.py --model /tmp/dd/bundle --dicom /tmp/dd/samples/x.dcm
 
 The bundle is a random-init backbone exported with ``export_backbone`` plus untrained heads saved
 with ``save_head_bundle`` (timing does not depend on the weights). Input: the real 1024x1024 CR
 DICOM from ../shared/data when present, else pydicom-data's RG1_UNCR (1955x1841). Times are
 CPU-seconds of this process (``time.process_time``; torch limited to ``--threads``), which stay
-meaningful on a machine shared with other jobs; wall-clock seconds alongside. Prints and writes
+meaningful on a machine shared with other jobs; wall-clock seconds alongside. Requests go through
+httpx's ASGI transport in this process (no sockets): ``serve_single`` posts ``--single`` requests
+one after another (window 0, max batch 1), ``serve_concurrent_batched`` / ``_unbatched`` post
+``--requests`` at once (window 20 ms, max 8 / window 0, max 1); requests/s and latency
+percentiles are wall-clock, per request from send to answer. Prints and writes
 benchmarks/results/serve.json.
 """
 
@@ -17,11 +23,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import torch
 
 from xrayfm.config import atomic_write_text, versions
@@ -68,35 +76,65 @@ def timed(fn, reps: int, per: int = 1) -> dict[str, float]:  # type: ignore[no-u
     }
 
 
-async def fire(app: object, data: bytes, n: int) -> tuple[float, float]:
-    """POST ``data`` ``n`` times concurrently; CPU and wall seconds for all of them."""
+def latency_stats(latencies: list[float], wall: float, cpu: float) -> dict[str, float]:
+    """Requests/s (wall and per CPU s) and p50/p95 latency in ms of ``len(latencies)`` requests."""
+    lat = np.asarray(latencies) * 1000.0
+    n = len(latencies)
+    return {
+        "requests": n,
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        "requests_per_s": round(n / wall, 2),
+        "requests_per_cpu_s": round(n / cpu, 2),
+        "latency_p50_ms": round(float(np.percentile(lat, 50)), 1),
+        "latency_p95_ms": round(float(np.percentile(lat, 95)), 1),
+    }
+
+
+async def fire(app: object, data: bytes, n: int, concurrent: bool = True) -> dict[str, float]:
+    """POST ``data`` ``n`` times, all at once or one after the other; throughput and latency."""
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=transport, base_url="http://b", timeout=600) as c:
+
+        async def one() -> float:
+            t = time.perf_counter()
+            q = await c.post("/v1/predict", files={"file": ("x.dcm", data)})
+            assert q.status_code == 200, q.text
+            return time.perf_counter() - t
+
         c0, t0 = time.process_time(), time.perf_counter()
-        rs = await asyncio.gather(*(c.post("/v1/predict", files={"file": ("x.dcm", data)}) for _ in range(n)))
-        assert all(q.status_code == 200 for q in rs), rs[0].text
-        return time.process_time() - c0, time.perf_counter() - t0
+        if concurrent:
+            lat = list(await asyncio.gather(*(one() for _ in range(n))))
+        else:
+            lat = [await one() for _ in range(n)]
+        return latency_stats(lat, time.perf_counter() - t0, time.process_time() - c0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="vit_tiny_patch16")
     ap.add_argument("--size", type=int, default=224)
-    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=16, help="concurrent requests per mode")
+    ap.add_argument("--single", type=int, default=10, help="sequential single-image requests")
+    ap.add_argument("--model", type=Path, help="an existing bundle instead of a random-init one")
+    ap.add_argument("--dicom", type=Path, help="the file to POST (default: the 1024x1024 CR DICOM)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    dicom = SHARED_DICOM
+    dicom = args.dicom or SHARED_DICOM
     if not dicom.is_file():
         from pydicom.data import get_testdata_file
 
         dicom = Path(get_testdata_file("RG1_UNCR.dcm"))
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = ModelBundle.load(build_bundle(Path(tmp), args.arch, args.size))
+        bundle = ModelBundle.load(args.model or build_bundle(Path(tmp), args.arch, args.size))
+        args.arch, args.size = bundle.card()["arch"], bundle.card()["input_size"]
         frame = next(iter(read_any(dicom)))
         img, spacing = frame.image, frame_spacing(frame)
         res: dict[str, object] = {
+            "command": " ".join(["benchmarks/serve.py", *sys.argv[1:]]),
+            "bundle": str(args.model) if args.model else "random-init",
             "arch": args.arch,
             "input_size": args.size,
             "input": dicom.name,
@@ -122,19 +160,16 @@ def main() -> None:
                 8,
             )
         data = dicom.read_bytes()
+        app = create_app(bundle, batch_window_ms=0.0, max_batch=1, max_upload_mb=64)
+        asyncio.run(fire(app, data, 2, concurrent=False))  # warm-up
+        res["serve_single"] = asyncio.run(fire(app, data, args.single, concurrent=False))
         for label, window, max_batch in (("batched", 20.0, 8), ("unbatched", 0.0, 1)):
             app = create_app(bundle, batch_window_ms=window, max_batch=max_batch, max_upload_mb=64)
-
             asyncio.run(fire(app, data, 2))  # warm-up
             before = app.state.batcher.batches
-            cpu, wall = asyncio.run(fire(app, data, args.requests))
-            res[f"serve_{label}"] = {
-                "requests": args.requests,
-                "wall_s": round(wall, 3),
-                "cpu_s": round(cpu, 3),
-                "requests_per_cpu_s": round(args.requests / cpu, 2),
-                "backbone_passes": app.state.batcher.batches - before,
-            }
+            stats = asyncio.run(fire(app, data, args.requests))
+            stats["backbone_passes"] = app.state.batcher.batches - before
+            res[f"serve_concurrent_{label}"] = stats
     res["versions"] = versions()
     atomic_write_text(OUT, json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

@@ -67,7 +67,9 @@ def test_predict_png_and_multiframe(client: TestClient, png_bytes: bytes) -> Non
     assert r.status_code == 200, r.text
     fr = r.json()["frames"][0]
     assert "overlay_png_base64" not in fr and fr["pixel_spacing_mm"] is None
-    r = client.post("/v1/predict", files={"file": ("mr.dcm", pydicom_data_file("emri_small.dcm").read_bytes())})
+    r = client.post(
+        "/v1/predict", files={"file": ("mr.dcm", pydicom_data_file("emri_small.dcm").read_bytes())}
+    )
     doc = r.json()
     assert r.status_code == 200 and len(doc["frames"]) == 10 and doc["aggregate"]["frames"] == 10
 
@@ -159,3 +161,58 @@ def test_serve_cli_starts_answers_and_stops(bundle: ModelBundle, tmp_path: Path)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     assert "serving vit_tiny_patch16" in out and "served 0 frame(s) in 0 batch(es)" in out
+
+
+def test_50_concurrent_requests_with_bad_uploads_mixed_in(bundle: ModelBundle, png_bytes: bytes) -> None:
+    """50 threads POST at once to a real uvicorn server; malformed uploads fail alone with a 4xx."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_server import uvicorn_in_thread
+
+    from xrayfm.serve.results import rle_decode
+
+    ct = pydicom_data_file("CT_small.dcm").read_bytes()  # 128 x 128 CT DICOM
+    png_shape = cv2.imdecode(np.frombuffer(png_bytes, np.uint8), cv2.IMREAD_UNCHANGED).shape
+    bad = {
+        "garbage.dcm": (np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes(), 415),
+        "truncated.dcm": (ct[: len(ct) // 2], 400),
+        "empty.dcm": (b"", 400),
+        "notes.txt": (b"patient notes, not an image\n" * 20, 415),
+    }
+    names = [*bad, "garbage.dcm"]  # 5 bad uploads spread through the 50 (one kind twice)
+    uploads = [
+        (names[i // 10], bad[names[i // 10]][0])
+        if i % 10 == 3
+        else ((f"good_{i}.png", png_bytes) if i % 2 else (f"good_{i}.dcm", ct))
+        for i in range(50)
+    ]
+
+    with uvicorn_in_thread(create_app(bundle, batch_window_ms=10, max_batch=8)) as base:
+
+        def post(item: tuple[str, bytes]) -> tuple[str, httpx.Response]:
+            name, data = item
+            return name, httpx.post(f"{base}/v1/predict", files={"file": (name, data)}, timeout=120)
+
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            answers = list(pool.map(post, uploads))
+        health = httpx.get(f"{base}/healthz", timeout=10)
+
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    seen_bad = set()
+    for name, r in answers:
+        if name in bad:
+            seen_bad.add(name)
+            assert r.status_code == bad[name][1], (name, r.status_code, r.text)
+            detail = r.json()["detail"]
+            assert isinstance(detail, str) and len(detail) > 10 and "/tmp" not in detail, detail
+            continue
+        assert r.status_code == 200, (name, r.text)
+        doc = r.json()
+        assert doc["filename"] == name and doc["num_frames"] == 1
+        fr = doc["frames"][0]
+        shape = (128, 128) if name.endswith(".dcm") else png_shape
+        assert (fr["height"], fr["width"]) == shape
+        assert len(fr["top3"]) == 3 and all(0 <= t["probability"] <= 1 for t in fr["top3"])
+        assert rle_decode(fr["metal"]["mask_rle"]).shape == shape
+        assert isinstance(fr["screws"], list)
+    assert seen_bad == set(bad) and sum(n in bad for n, _ in answers) == 5

@@ -7,12 +7,10 @@ playwright`; no `playwright install`: the system browser is used).
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from serve_server import uvicorn_in_thread
 
 from xrayfm.models.bundle import ModelBundle
 from xrayfm.serve.app import create_app
@@ -29,56 +27,36 @@ ARGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_viewer_shows_overlay_and_findings(request: pytest.FixtureRequest) -> None:
     if not Path(CHROMIUM).is_file():
         pytest.skip("no chromium binary (apt-get install chromium) for the browser test")
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="pip install playwright for the browser test"
     )
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     data = pytest.importorskip("pydicom.data", reason="pydicom-data is needed for a real DICOM")
     dicom = data.get_testdata_file("RG3_UNCR.dcm")
 
     bundle = ModelBundle.load(request.getfixturevalue("bundle_dir"))  # after the skips: no build when skipped
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(bundle, token="tok"), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 20
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
-        assert server.started, "uvicorn did not start"
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_function("document.getElementById('model').textContent.includes('vit_tiny')")
-            page.fill("#token", "tok")
-            page.set_input_files("#file", dicom)
-            page.wait_for_function("document.getElementById('overlay').naturalWidth > 0", timeout=60_000)
-            size = page.evaluate(
-                "[document.getElementById('overlay').naturalWidth,"
-                " document.getElementById('overlay').naturalHeight]"
-            )
-            rows = page.locator("#findings tr").all_inner_texts()
-            status = page.inner_text("#status")
-            page.fill("#token", "wrong")
-            page.set_input_files("#file", dicom)
-            page.wait_for_function("document.getElementById('status').className === 'error'", timeout=60_000)
-            refused = page.inner_text("#status")
-            browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_in_thread(create_app(bundle, token="tok")) as base, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page()
+        page.goto(f"{base}/")
+        page.wait_for_function("document.getElementById('model').textContent.includes('vit_tiny')")
+        page.fill("#token", "tok")
+        page.set_input_files("#file", dicom)
+        page.wait_for_function("document.getElementById('overlay').naturalWidth > 0", timeout=60_000)
+        size = page.evaluate(
+            "[document.getElementById('overlay').naturalWidth,"
+            " document.getElementById('overlay').naturalHeight]"
+        )
+        rows = page.locator("#findings tr").all_inner_texts()
+        status = page.inner_text("#status")
+        page.fill("#token", "wrong")
+        page.set_input_files("#file", dicom)
+        page.wait_for_function("document.getElementById('status').className === 'error'", timeout=60_000)
+        refused = page.inner_text("#status")
+        browser.close()
     import pydicom
 
     ds = pydicom.dcmread(dicom, stop_before_pixels=True)

@@ -161,6 +161,26 @@ def plan(out: Path, p: Profile, seed: int) -> list[Stage]:
     return stages
 
 
+def _write_demo_files(out: Path, profile: Profile, seed: int) -> None:
+    """The small-data recipe, and a pseudonymisation key derived from the seed.
+
+    A derived key makes the demo's patient-level split (a function of the keyed pseudonyms)
+    reproducible. That is acceptable only because every identity in the demo is fake: real data
+    gets a random key that ``xrayfm ingest`` creates and the user keeps secret.
+    """
+    import hashlib
+    import os
+
+    from xrayfm.config import atomic_write_bytes, atomic_write_text
+
+    if not profile.reference_recipe:
+        atomic_write_text(out / "configs" / "pretrain_small_data.yaml", SMALL_DATA_PRETRAIN)
+    key = out / "keys" / "demo.key"
+    if not key.exists():
+        atomic_write_bytes(key, hashlib.sha256(f"xrayfm demo key, seed {seed}".encode()).digest())
+        os.chmod(key, 0o600)
+
+
 def _run(stage: Stage) -> None:
     cmd = [sys.executable, "-m", "xrayfm", *stage.args]
     proc = subprocess.run(cmd, check=False)
@@ -205,10 +225,8 @@ def demo_cmd(
         raise UserError("choose one of --quick and --full")
     profile = PROFILES["quick" if quick else "full" if full else "default"]
     stages = plan(out, profile, seed)
-    if not dry_run and not profile.reference_recipe:
-        from xrayfm.config import atomic_write_text
-
-        atomic_write_text(out / "configs" / "pretrain_small_data.yaml", SMALL_DATA_PRETRAIN)
+    if not dry_run:
+        _write_demo_files(out, profile, seed)
     t0 = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         header = f"[{i}/{len(stages)}] {stage.title}\n  $ {stage.command()}"
