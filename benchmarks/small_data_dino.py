@@ -18,6 +18,8 @@ import sys
 import time
 import warnings
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,8 +62,9 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"n_train={len(tr)} n_val={len(va)} classes={nc}; "
           f"random-init knn={knn(create_backbone('vit_tiny_patch16', img_size=size)):.3f}", flush=True)
-    base = dict(arch="vit_tiny_patch16", epochs=6, batch_size=32, global_size=size, local_size=size // 2,
-                n_local=4, out_dim=1024, num_workers=0, log_every=1, checkpoint_every=10**6)
+    base: dict[str, Any] = {"arch": "vit_tiny_patch16", "epochs": 6, "batch_size": 32, "global_size": size,
+                            "local_size": size // 2, "n_local": 4, "out_dim": 1024, "num_workers": 0,
+                            "log_every": 1, "checkpoint_every": 10**6}
     base.update(yaml.safe_load(SMALL_DATA_PRETRAIN))
     for name, over in exps.items():
         kw = dict(base)
@@ -74,7 +77,7 @@ def main() -> None:
         t = time.time()
         trainer = Trainer(cfg, out, Images(), show_progress=False)
         trainer.fit()
-        recs = [json.loads(line) for line in open(out + "/metrics.jsonl")]
+        recs = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
         h = [round(r["teacher_entropy"], 2) for r in recs]
         print(f"{name}: {over} augment={aug} | H {h[::max(1, len(h) // 8)]} final H={h[-1]:.2f} "
               f"Hb={recs[-1]['teacher_batch_entropy']:.2f} loss={recs[-1]['loss']:.2f} | "
