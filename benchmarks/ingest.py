@@ -28,9 +28,8 @@ import pydicom
 from pydicom.data import get_testdata_file
 
 from xrayfm.config import atomic_write_text, versions
-from xrayfm.io import retain_freed_memory
 from xrayfm.lake import decode_image, read_rows
-from xrayfm.lake.ingest import IngestConfig, ingest
+from xrayfm.lake.ingest import IngestConfig, ingest, single_core_process
 from xrayfm.privacy import load_or_create_key
 
 OUT = Path(__file__).resolve().parent / "results" / "ingest.json"
@@ -113,7 +112,7 @@ def rss_run(src: str, lake: str, key: str) -> None:
 
     VmHWM, not ru_maxrss: the latter keeps the forking parent's resident size across exec.
     """
-    retain_freed_memory()  # as `xrayfm ingest` does
+    single_core_process()  # as `xrayfm ingest` does
     s = ingest([src], lake, IngestConfig(key_file=key))
     hwm = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
     print(json.dumps({"ingested": s.ingested, "seconds": s.seconds,
@@ -138,7 +137,7 @@ def main() -> None:
         rss_run(*args.rss_run)
         return
     n, rss_counts = (100, (100, 1000)) if args.quick else (500, (500, 5000))
-    retain_freed_memory()  # as `xrayfm ingest` does; applies to the naive path too
+    single_core_process()  # as `xrayfm ingest` does; applies to the naive path too
     with tempfile.TemporaryDirectory(prefix="xrayfm-bench-") as d:
         tmp = Path(d)
         key = str(tmp / "bench.key")

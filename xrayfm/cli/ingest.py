@@ -50,8 +50,7 @@ def ingest_cmd(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from xrayfm.config import ConfigError, from_dict, load_yaml, to_dict
-    from xrayfm.io import retain_freed_memory
-    from xrayfm.lake.ingest import IngestConfig, ingest
+    from xrayfm.lake.ingest import IngestConfig, ingest, single_core_process
     from xrayfm.lake.writer import LakeError
     from xrayfm.privacy import KeyFileError
 
@@ -61,7 +60,7 @@ def ingest_cmd(
         *sources, lake = paths
     else:
         sources = list(paths)
-    retain_freed_memory()  # this process only ingests: keeping freed heap speeds decoding up
+    single_core_process()  # this process only ingests
     given = {"key_file": key_file, "source": source, "max_side": max_side, "frame_every": frame_every,
              "max_frames": max_frames, "apply_voi": apply_voi, "retain_device_identity": retain_device_identity,
              "admit_burned_in": admit_burned_in, "workers": workers, "shard_index": shard_index,
