@@ -7,14 +7,16 @@ import sys
 import warnings
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pydicom
 import pytest
 from pydicom.pixels import apply_voi_lut
 from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian
 
-from xrayfm.conventions import check_image, pixel_hash
+from xrayfm.conventions import check_image, pixel_hash, to_uint16
 from xrayfm.io import DecodeError, FrameSampling, is_dicom, read_any, read_dicom_frames
+from xrayfm.io.intensity import area_resize, resized_shape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from io_testdata import pydicom_file, shared_xray
@@ -291,3 +293,44 @@ def test_enhanced_multiframe_reads_functional_groups():
         assert m["spacing_source"] == "pixel_spacing" and m["pixel_spacing_mm"] == [0.388672, 0.388672]
         assert (m["rescale_slope"], m["rescale_intercept"]) == (1.0, -1024.0)
         assert (m["window_center"], m["window_width"], m["voi_applied"]) == (49.0, 102.0, True)
+
+
+@pytest.mark.parametrize(("name", "max_side", "voi"), [
+    ("RG1_UNCR.dcm", 512, False),  # MONOCHROME1 15-bit chest CR
+    ("RG3_UNCR.dcm", 512, False),  # 10-bit ankle CR
+    ("RG3_UNCR.dcm", 301, False),
+    ("CT_small.dcm", 48, False),  # signed, rescale slope/intercept
+    ("RG3_UNCR.dcm", 512, True),  # VOI window: mapped at full size, then resized
+])
+def test_resize_in_reader_equals_map_then_resize(name: str, max_side: int, voi: bool) -> None:
+    """``max_side`` resizes before the affine intensity map: same stored uint16 as the reference
+    path (map at full size, then cv2 INTER_AREA) up to float32 rounding: at most 1 of 65535, on a
+    few pixels."""
+    path = pydicom_file(name)
+    full = one(path, apply_voi=voi)
+    small = one(path, apply_voi=voi, max_side=max_side)
+    size = resized_shape(*full.image.shape, max_side)
+    assert small.image.shape == size and max(size) == max_side
+    assert small.source_shape == full.source_shape == full.image.shape
+    assert small.raw_hash == full.raw_hash and small.meta == full.meta
+    assert small.meta["voi_applied"] is voi
+    ref = cv2.resize(full.image, size[::-1], interpolation=cv2.INTER_AREA)
+    ref = to_uint16(np.clip(ref, 0.0, 1.0)).astype(np.int32)
+    diff = np.abs(to_uint16(small.image).astype(np.int32) - ref)
+    assert diff.max() <= 1
+    assert (diff > 0).mean() < 0.01
+
+
+@pytest.mark.parametrize(("shape", "size"), [
+    ((1955, 1841), (512, 482)), ((1760, 1760), (512, 512)), ((100, 90), (33, 29)), ((64, 64), (64, 16)),
+    ((1000, 3), (999, 2)), ((513, 512), (512, 511)), ((30, 30), (1, 1)), ((96, 64), (32, 64)),
+])
+def test_area_resize_equals_opencv_inter_area(shape: tuple[int, int], size: tuple[int, int]) -> None:
+    img = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
+    got = area_resize(img, size)
+    ref = cv2.resize(img, size[::-1], interpolation=cv2.INTER_AREA)
+    assert got.dtype == np.float32 and got.shape == size
+    assert np.abs(got - ref).max() < 1e-6
+    assert area_resize(img, shape) is img
+    with pytest.raises(ValueError, match="only shrinks"):
+        area_resize(img, (shape[0] + 1, shape[1]))

@@ -243,3 +243,18 @@ def test_unknown_vr_elements_are_not_kept_raw(phi_file: tuple[Path, dict[str, st
     out = Anonymizer(KEY).anonymize(src).dataset
     assert 0x00081060 not in out and 0x00181012 not in out and 0x00F00010 not in out
     assert b"Hidden" not in _bytes(out)
+
+
+@pytest.mark.parametrize("dates", [False, True], ids=["dates-removed", "dates-shifted"])
+def test_in_place_equals_copy(phi_file: tuple[Path, dict[str, str]], dates: bool) -> None:
+    """``in_place=True`` (ingest's path, no deep copy) writes the same bytes as the copying path."""
+    path, _ = phi_file
+    anon = Anonymizer(KEY, AnonymizationOptions(retain_longitudinal_dates=dates))
+    src = pydicom.dcmread(path)
+    before = _bytes(src)
+    copied = anon.anonymize(src)
+    assert _bytes(src) == before  # the copying path leaves its input alone
+    in_place = anon.anonymize(src, in_place=True)
+    assert in_place.dataset is src
+    assert in_place.ids == copied.ids and in_place.date_shift_days == copied.date_shift_days
+    assert _bytes(in_place.dataset) == _bytes(copied.dataset)

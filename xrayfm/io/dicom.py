@@ -21,7 +21,14 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from xrayfm.conventions import pixel_hash
 from xrayfm.io.dicom_meta import as_float, as_int, as_str, dicom_meta, frame_meta, frame_value
 from xrayfm.io.frames import DecodedFrame, DecodeError, FrameSampling
-from xrayfm.io.intensity import affine_to_unit, gray_from_color, stored_range, window_to_unit
+from xrayfm.io.intensity import (
+    affine_to_unit,
+    area_resize,
+    gray_from_color,
+    resized_shape,
+    stored_range,
+    window_to_unit,
+)
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
@@ -148,24 +155,27 @@ def _num_frames(ds: Dataset) -> int:
 
 
 def read_dicom_frames(src: str | Path | Dataset, sampling: FrameSampling = FrameSampling(),  # noqa: B008
-                      apply_voi: bool = False) -> Iterator[DecodedFrame]:
+                      apply_voi: bool = False, max_side: int | None = None) -> Iterator[DecodedFrame]:
     """Decode the selected frames of a DICOM file or dataset, one :class:`DecodedFrame` each.
 
     Header problems (not DICOM, no pixel data, unsupported photometric or transfer syntax) raise
     :class:`DecodeError` at call time; pixel-data problems raise it while iterating. Each
     selected frame is decoded exactly once. The VOI window / LUT is recorded in ``meta`` always
-    and applied only when ``apply_voi`` is true.
+    and applied only when ``apply_voi`` is true. With ``max_side`` each image is area-resized
+    (INTER_AREA, never upsampled) so its longer side is at most ``max_side``; without a VOI the
+    resize runs before the (affine) intensity map, which equals map-then-resize to float32
+    rounding (see :func:`xrayfm.io.intensity.affine_to_unit`).
     """
     ds, name = _load(src)
     tsuid = _transfer_syntax(ds)
     decoder = _check(ds, name, tsuid)
     num_frames = _num_frames(ds)
     base = dicom_meta(ds, str(tsuid), num_frames)
-    return _frames(ds, name, decoder, sampling.select(num_frames), base, apply_voi)
+    return _frames(ds, name, decoder, sampling.select(num_frames), base, apply_voi, max_side)
 
 
 def _frames(ds: Dataset, name: str, decoder: Any, indices: list[int], base: dict[str, Any],
-            apply_voi: bool) -> Iterator[DecodedFrame]:
+            apply_voi: bool, max_side: int | None) -> Iterator[DecodedFrame]:
     if not indices:
         return
     arrays = decoder.iter_array(ds, indices=indices)
@@ -182,14 +192,17 @@ def _frames(ds: Dataset, name: str, decoder: Any, indices: list[int], base: dict
                 "the file is truncated or damaged, re-export it from the source system",
             ) from exc
         meta = {**base, **frame_meta(ds, index)}
-        image, voi_applied = _to_unit(arr, ds, index, name, apply_voi)
+        shape = (arr.shape[0], arr.shape[1])
+        image, voi_applied = _to_unit(arr, ds, index, name, apply_voi, resized_shape(*shape, max_side))
         meta["voi_applied"] = voi_applied
         yield DecodedFrame(image=image, raw_hash=pixel_hash(arr), frame_index=index,
-                           num_frames=base["num_frames"], meta=meta)
+                           num_frames=base["num_frames"], meta=meta, source_shape=shape)
 
 
-def _to_unit(arr: np.ndarray, ds: Dataset, index: int, name: str, apply_voi: bool) -> tuple[np.ndarray, bool]:
-    """Decoded frame -> float32 [0, 1] dense-bright image; also whether a VOI was applied."""
+def _to_unit(arr: np.ndarray, ds: Dataset, index: int, name: str, apply_voi: bool,
+             size: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """Decoded frame -> float32 [0, 1] dense-bright image of ``size`` (h, w); also whether a VOI
+    was applied."""
     bits = min(as_int(ds.get("BitsStored")) or 64, arr.dtype.itemsize * 8)
     lo, hi = stored_range(bits, arr.dtype.kind == "i")
     invert = as_str(frame_value(ds, "PhotometricInterpretation")) == "MONOCHROME1"
@@ -202,7 +215,7 @@ def _to_unit(arr: np.ndarray, ds: Dataset, index: int, name: str, apply_voi: boo
         slope = as_float(frame_value(ds, "RescaleSlope", index)) or 1.0
         intercept = as_float(frame_value(ds, "RescaleIntercept", index)) or 0.0
     if not (apply_voi and _has_voi(ds, index)):
-        return affine_to_unit(values, lo, hi, slope, intercept, invert), False
+        return affine_to_unit(values, lo, hi, slope, intercept, invert, size), False
     modality = values.astype(np.float32)
     if slope != 1.0 or intercept != 0.0:
         modality *= np.float32(slope)
@@ -210,7 +223,7 @@ def _to_unit(arr: np.ndarray, ds: Dataset, index: int, name: str, apply_voi: boo
     image = _voi(modality, ds, index, name)
     if invert:
         np.subtract(1.0, image, out=image)
-    return image, True
+    return area_resize(image, size), True
 
 
 def _modality_lut(values: np.ndarray, ds: Dataset, name: str) -> tuple[np.ndarray, tuple[float, float]]:

@@ -15,6 +15,7 @@ class DecodedFrame:
     ``image`` is float32 (H, W) in [0, 1], dense tissue bright. ``raw_hash`` is
     :func:`xrayfm.conventions.pixel_hash` of the frame exactly as the codec decoded it, before
     any intensity mapping. ``meta`` holds technical attributes only and is JSON-serialisable.
+    ``source_shape`` is (H, W) as decoded: ``image.shape`` unless the reader was asked to resize.
     """
 
     image: np.ndarray
@@ -22,6 +23,7 @@ class DecodedFrame:
     frame_index: int
     num_frames: int
     meta: dict[str, Any]
+    source_shape: tuple[int, int]
 
 
 class DecodeError(Exception):

@@ -78,7 +78,8 @@ def read_image_file(path: str | Path) -> DecodedFrame:
     meta = {**_empty_meta(), "rows": int(image.shape[0]), "cols": int(image.shape[1]), "bits_stored": bits,
             "bits_allocated": bits, "pixel_representation": int(arr.dtype.kind == "i"),
             "photometric": "RGB" if arr.ndim == 3 else "MONOCHROME2", "format": fmt}
-    return DecodedFrame(image=image, raw_hash=pixel_hash(arr), frame_index=0, num_frames=1, meta=meta)
+    return DecodedFrame(image=image, raw_hash=pixel_hash(arr), frame_index=0, num_frames=1, meta=meta,
+                        source_shape=(image.shape[0], image.shape[1]))
 
 
 def read_any(path: str | Path, sampling: FrameSampling = FrameSampling(),  # noqa: B008

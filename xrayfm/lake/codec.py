@@ -18,11 +18,11 @@ import hashlib
 import struct
 import threading
 
-import cv2
 import numpy as np
 import zstandard
 
 from xrayfm.conventions import check_image
+from xrayfm.io.intensity import area_resize, resized_shape
 
 _MAGIC = b"XRL"
 _VERSION = 1
@@ -62,9 +62,9 @@ def encode_image(arr: np.ndarray, codec: str = DEFAULT_CODEC, level: int = 1) ->
         delta[0] = a[0]
         np.subtract(a[1:], a[:-1], out=delta[1:])
         planes = delta.view(np.uint8).reshape(h, w, 2)
-        payload = np.ascontiguousarray(planes.transpose(2, 0, 1)).tobytes()
+        payload = np.ascontiguousarray(planes.transpose(2, 0, 1))
     else:
-        payload = a.tobytes()
+        payload = a
     comp, _ = _zstd(level)
     header = _HEADER.pack(_MAGIC, _VERSION, CODECS[codec], _DTYPE_UINT16, 0, h, w)
     return header + comp.compress(payload)
@@ -103,18 +103,12 @@ def image_sha(arr: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def resized_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
-    """(H, W) after scaling the longer side down to ``max_side``; never upsampled."""
-    scale = min(1.0, max_side / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
 def resize_max_side(img: np.ndarray, max_side: int) -> np.ndarray:
     """Area-resize a float image in [0, 1] so its longer side is at most ``max_side``."""
     if img.ndim != 2 or img.dtype != np.float32:
         raise ValueError(f"expected a 2-D float32 image, got shape {img.shape} dtype {img.dtype}")
-    h, w = resized_shape(*img.shape, max_side)
-    if (h, w) == img.shape:
+    size = resized_shape(*img.shape, max_side)
+    if size == img.shape:
         return img
-    out = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    out = area_resize(img, size)
     return check_image(np.clip(out, 0.0, 1.0, out=out))

@@ -111,8 +111,8 @@ def _spacing(ds: pydicom.Dataset | None) -> tuple[float, float] | None:
 
 def frame_row(frame: DecodedFrame, ids: PseudoIds, meta: dict[str, Any], spacing: tuple[float, float] | None,
               ctx: RowContext, kind: str) -> dict[str, Any]:
-    """Resize and encode one frame; return its lake row."""
-    oh, ow = frame.image.shape
+    """Resize (unless the reader already did) and encode one frame; return its lake row."""
+    oh, ow = frame.source_shape
     img16 = to_uint16(resize_max_side(frame.image, ctx.max_side))
     h, w = img16.shape
     row: dict[str, Any] = {
@@ -198,11 +198,11 @@ def _process(job: FileJob, anon: Anonymizer, ctx: RowContext, known: set[str] | 
     reason = anon.quarantine_reason(ds)
     if reason is not None:
         return _quarantine(anon, job, ctx, reason, f"rejected by the anonymizer: {reason}")
-    res = anon.anonymize(ds)
+    res = anon.anonymize(ds, in_place=True)  # the original is not used again
     meta = dicom_meta(res.dataset, ctx.retain_device_identity)
     spacing = _spacing(res.dataset)
     try:
-        for frame in read_dicom_frames(res.dataset, ctx.sampling, apply_voi=ctx.apply_voi):
+        for frame in read_dicom_frames(res.dataset, ctx.sampling, ctx.apply_voi, ctx.max_side):
             if frame.raw_hash in known:
                 result.duplicates += 1
             else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-INGEST_VERSION = "1"
+INGEST_VERSION = "2"
 LAKE_FORMAT = 1
 IMAGES_DIR = "images"
 QUARANTINE_DIR = "_quarantine"

@@ -73,7 +73,7 @@ class PseudoIds:
 
 @dataclass
 class AnonymizationResult:
-    dataset: Dataset  # anonymized copy; PixelData is untouched
+    dataset: Dataset  # anonymized copy (or the input, anonymized in place); PixelData is untouched
     ids: PseudoIds
     date_shift_days: int | None  # the offset applied to dates, None when dates were removed
 
@@ -209,11 +209,13 @@ class Anonymizer:
 
     # -- de-identification -------------------------------------------------------------------
 
-    def anonymize(self, ds: Dataset) -> AnonymizationResult:
-        """Return an anonymized copy of ``ds`` (the input is not modified)."""
+    def anonymize(self, ds: Dataset, in_place: bool = False) -> AnonymizationResult:
+        """Return an anonymized copy of ``ds`` (the input is not modified); with ``in_place``,
+        anonymize ``ds`` itself and return it (saves the deep copy when the original is not
+        needed afterwards, as in ingest)."""
         ids = self.pseudo_ids(ds)
         shift = self.date_shift(self._patient_source(ds)) if self.options.retain_longitudinal_dates else None
-        out = copy.deepcopy(ds)
+        out = ds if in_place else copy.deepcopy(ds)
         self._clean(out, shift, top=True)
         out.PatientID = ids.patient
         out.PatientName = ids.patient
