@@ -166,3 +166,18 @@ def test_demo_fetch_and_render(tmp_path: Path) -> None:
     from xrayfm.synth.demo_data import fetch_demo_ct
 
     assert fetch_demo_ct(cache) == cache  # idempotent: already fetched, no download
+
+
+def test_balanced_regions_draw_each_shown_region(tmp_path: Path, ct_files: tuple[Path, Path]) -> None:
+    from collections import Counter
+
+    from xrayfm.synth.generate import load_ct, prepare_base
+
+    cfg = _cfg(tmp_path / "bal", *ct_files, n=30, images_per_study=6, screws=(0, 2))
+    base = prepare_base(cfg, load_ct(cfg))
+    assert len(base.regions) >= 3, base.regions
+    generate(cfg, base=base)
+    balanced = Counter(lb.region for lb in read_labels(tmp_path / "bal" / "labels.parquet"))
+    assert set(balanced) == set(base.regions), (balanced, base.regions)
+    # every shown region gets at least half its fair share (the phantom's natural draw is 47 % spine)
+    assert min(balanced.values()) >= cfg.n / (2 * len(base.regions)), balanced

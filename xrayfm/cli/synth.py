@@ -38,6 +38,9 @@ def synth_cmd(
     images_per_study: Annotated[int, _Opt(help="Images per fake patient/study.")] = 8,
     voxel_mm: Annotated[float, _Opt(help="Rendering voxel size in mm (coarser = faster).")] = 1.0,
     workers: Annotated[int, _Opt(help="Parallel render processes.")] = 1,
+    balance_regions: Annotated[bool, _Opt("--balance-regions/--natural-regions",
+                                          help="Draw each image's body region uniformly from those the CT "
+                                          "shows, or let the view sampler's natural mix stand.")] = True,
     spacing: Annotated[str, _Opt(help="Voxel spacing 'x,y,z' mm of a raw .npy/.npz volume.")] = "1,1,1",
     hu_offset: Annotated[float, _Opt(help="Added to raw .npy/.npz values to get HU.")] = 0.0,
     cache: Annotated[str | None, _Opt(help="Demo CT cache folder (default $XRAYFM_CACHE/demo_ct or "
@@ -61,7 +64,8 @@ def synth_cmd(
         raise UserError("--workers and --images-per-study must be at least 1")
     cfg = SynthConfig(out=str(out), ct=ct, labels=labels, region=region, n=n, size=size, seed=seed,
                       screws=_screw_range(screws), images_per_study=images_per_study, voxel_mm=voxel_mm,
-                      workers=workers, spacing=sp, hu_offset=hu_offset, cache=cache)  # type: ignore[arg-type]
+                      workers=workers, spacing=sp, hu_offset=hu_offset, cache=cache,
+                      balance_regions=balance_regions)  # type: ignore[arg-type]
     try:
         with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       transient=True) as bar:

@@ -23,11 +23,11 @@ from xrayfm.io.volume import CTVolume, load_volume
 from xrayfm.synth.anatomy import Vertebra, find_vertebrae, group_points
 from xrayfm.synth.construct import anterior_plate, kwire, spinal_construct
 from xrayfm.synth.dicom import fake_patient, write_dicom, xa_dataset
-from xrayfm.synth.geometry import projection_matrix
+from xrayfm.synth.geometry import View, projection_matrix
 from xrayfm.synth.labels import SynthLabel, decode_mask, encode_mask, write_labels
-from xrayfm.synth.regions import region_index
+from xrayfm.synth.regions import REGIONS, region_index
 from xrayfm.synth.render import PreparedVolume, prepare_volume
-from xrayfm.synth.scene import Scene, render_scene
+from xrayfm.synth.scene import Scene, render_scene, view_region
 from xrayfm.synth.views import plausible_view, random_exposure
 
 
@@ -48,6 +48,7 @@ class SynthConfig:
     voxel_mm: float = 1.0                  # rendering voxel size (block-mean downsampling)
     kwire_prob: float = 0.15
     plate_prob: float = 0.1
+    balance_regions: bool = True           # draw the region first (uniform over those the CT shows)
     workers: int = 1
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # raw .npy/.npz only
     hu_offset: float = 0.0                                  # raw .npy/.npz only
@@ -74,6 +75,7 @@ class _Base:
     group_points: dict[str, np.ndarray]
     default_region: str
     source: str
+    regions: tuple[str, ...] = ()          # regions the CT's views show (balanced sampling draws from these)
 
 
 _BASE: _Base | None = None
@@ -95,8 +97,21 @@ def prepare_base(cfg: SynthConfig, vol: CTVolume) -> _Base:
                          "or --labels PATH")
     default = cfg.region or "thorax"
     region_index(default)
-    return _Base(volume=prepare_volume(vol, voxel_mm=cfg.voxel_mm), vertebrae=find_vertebrae(vol),
+    base = _Base(volume=prepare_volume(vol, voxel_mm=cfg.voxel_mm), vertebrae=find_vertebrae(vol),
                  group_points=group_points(vol, seed=cfg.seed), default_region=default, source=vol.name)
+    base.regions = shown_regions(base, cfg)
+    return base
+
+
+def shown_regions(base: _Base, cfg: SynthConfig, n_views: int = 200, min_share: float = 0.01) -> tuple[str, ...]:
+    """Regions that at least ``min_share`` of unconstrained random views of the CT show (in REGIONS order)."""
+    scene = Scene(base.volume, base.group_points, [], base.default_region, base.vertebrae)
+    rng = np.random.default_rng([cfg.seed, 3])
+    counts: dict[str, int] = {}
+    for _ in range(n_views):
+        region, _ = view_region(scene, plausible_view(rng, scene.volume, _target(scene, rng), cfg.size))
+        counts[region] = counts.get(region, 0) + 1
+    return tuple(r for r in REGIONS if counts.get(r, 0) >= min_share * n_views)
 
 
 def _patient_transform(rng: np.random.Generator, center: np.ndarray) -> np.ndarray:
@@ -134,6 +149,34 @@ def build_scene(base: _Base, cfg: SynthConfig, patient: int) -> Scene:
                  default_region=base.default_region, vertebrae=verts)
 
 
+# Structure groups (xrayfm.synth.anatomy.GROUPS) a view of each region is aimed at.
+_REGION_GROUPS = {"head": ("skull",), "cervical_spine": ("cervical",), "thoracic_spine": ("thoracic",),
+                  "lumbar_spine": ("lumbar",), "shoulder": ("shoulder",), "thorax": ("lung",),
+                  "abdomen": ("abdomen",), "pelvis": ("pelvis_bone", "sacrum"), "hip": ("femur",)}
+
+
+def _region_view(scene: Scene, rng: np.random.Generator, wanted: str, size: int, tries: int = 30) -> View:
+    """A plausible view that shows ``wanted``: aimed at the hardware (half the time, when there is
+    some) or at the region's structures, re-drawn until the region rules name ``wanted`` (the
+    last draw is kept when none does)."""
+    metal = [p for imp in scene.implants if imp.kind == "screw" for p in (imp.head, imp.tip)]
+    groups = [scene.group_points[g] for g in _REGION_GROUPS.get(wanted, ()) if len(scene.group_points.get(g, ()))]
+    view = None
+    for _ in range(tries):
+        if metal and rng.random() < 0.5:
+            target = np.mean(metal, axis=0)
+        elif groups:
+            pts = groups[int(rng.integers(len(groups)))]
+            target = pts[int(rng.integers(len(pts)))]
+        else:
+            target = _target(scene, rng)
+        view = plausible_view(rng, scene.volume, target, size)
+        if view_region(scene, view)[0] == wanted:
+            break
+    assert view is not None
+    return view
+
+
 def _target(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """Where the C-arm is centred: the hardware (half the time when there is some), a vertebra,
     or a point of a randomly chosen labelled structure group (lung, shoulder, abdomen, ...)."""
@@ -164,7 +207,10 @@ def render_image(base: _Base, cfg: SynthConfig, index: int, scene: Scene) -> tup
     """Render image ``index`` of the run; returns (uint16 pixels, label, view record)."""
     _, _, patient, series, instance = image_paths(Path(cfg.out), index, cfg)
     rng = np.random.default_rng([cfg.seed, patient, series, instance, 2])
-    view = plausible_view(rng, scene.volume, _target(scene, rng), cfg.size)
+    if cfg.balance_regions and len(base.regions) > 1:
+        view = _region_view(scene, rng, base.regions[int(rng.integers(len(base.regions)))], cfg.size)
+    else:
+        view = plausible_view(rng, scene.volume, _target(scene, rng), cfg.size)
     exposure = random_exposure(rng)
     r = render_scene(scene, view, exposure, rng)
     pixels = to_uint16(r.image)

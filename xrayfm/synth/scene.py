@@ -113,8 +113,17 @@ def render_scene(scene: Scene, view: View, exposure: Exposure, rng: np.random.Ge
     exposed = in_field & (beam > 0.5)
     screws = [screw_label(imp, path, view, exposed) for imp, path in zip(scene.implants, paths)
               if imp.kind == "screw"]
+    region, coverage = view_region(scene, view, exposed)
+    return Rendered(image=image, mask=mask, screws=screws, region=region, coverage=coverage)
+
+
+def view_region(scene: Scene, view: View, exposed: np.ndarray | None = None) -> tuple[str, dict[str, float]]:
+    """Body region (and group coverages) that ``view`` shows; cheap: projects the group points only."""
+    if exposed is None:
+        exposed = (field_mask(view) > 0.5) & (collimator_mask(view) > 0.5)
+    if not scene.group_points:
+        return scene.default_region, {}
     p = projection_matrix(view)
     pts = {g: project(p, w) for g, w in scene.group_points.items()}
     coverage, offset = field_coverage(pts, exposed.astype(np.float32))
-    region = classify_region(coverage, offset, scene.default_region) if pts else scene.default_region
-    return Rendered(image=image, mask=mask, screws=screws, region=region, coverage=coverage)
+    return classify_region(coverage, offset, scene.default_region), coverage
