@@ -10,7 +10,7 @@ import torch
 
 from xrayfm.config import ConfigError
 from xrayfm.ssl import PretrainConfig, build_method
-from xrayfm.ssl.dino import DinoHead, DinoLoss, WeightNormLinear, update_momentum
+from xrayfm.ssl.dino import DinoHead, DinoLoss, WeightNormLinear, koleo_loss, sinkhorn_knopp, update_momentum
 from xrayfm.ssl.registry import Progress
 from xrayfm.ssl.schedules import linear_warmup, warmup_cosine
 
@@ -145,3 +145,57 @@ def test_config_validation_names_the_key() -> None:
         PretrainConfig(local_scale=(0.5, 0.1)).validate()
     with pytest.raises(ConfigError, match="unknown method"):
         build_method(PretrainConfig(method="simclr"))
+
+
+def _sinkhorn_reference(scores: list[list[float]], temp: float, iterations: int) -> list[list[float]]:
+    """Plain-Python Sinkhorn-Knopp: prototypes get mass 1/K, samples 1/B, rows returned summing to 1."""
+    b, k = len(scores), len(scores[0])
+    q = [[math.exp(v / temp) for v in row] for row in scores]
+    total = sum(map(sum, q))
+    q = [[v / total for v in row] for row in q]
+    for _ in range(iterations):
+        col = [sum(q[i][j] for i in range(b)) for j in range(k)]
+        q = [[q[i][j] / col[j] / k for j in range(k)] for i in range(b)]
+        q = [[v / sum(row) / b for v in row] for row in q]
+    return [[v * b for v in row] for row in q]
+
+
+def test_sinkhorn_targets_match_the_reference_equations() -> None:
+    scores = [[0.3, 0.1, -0.2, 0.0], [0.25, 0.1, -0.1, 0.05], [0.3, 0.0, -0.2, 0.1]]
+    got = sinkhorn_knopp(torch.tensor(scores), temp=0.1, iterations=3)
+    assert torch.allclose(got, torch.tensor(_sinkhorn_reference(scores, 0.1, 3)), atol=1e-6)
+    assert torch.allclose(got.sum(1), torch.ones(3), atol=1e-6)
+    # every row prefers prototype 0 before balancing; after it, prototype use is near-equal
+    assert got.mean(0).max() - got.mean(0).min() < 0.05
+    crit = DinoLoss(out_dim=4, n_global=1, centering="sinkhorn")
+    student = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    loss, stats = crit(torch.cat([student, student]), torch.tensor(scores), 0.1)
+    logp = torch.log_softmax(student / 0.1, dim=-1)
+    assert loss.item() == pytest.approx(-(got * logp).sum(1).mean().item(), rel=1e-5)
+    assert torch.equal(crit.center, torch.zeros(1, 4))  # no EMA centre in this mode
+    with pytest.raises(ValueError, match="centering"):
+        DinoLoss(out_dim=4, centering="mean")
+
+
+def test_koleo_matches_hand_computation() -> None:
+    # three unit vectors: nearest-neighbour distances sqrt(2 - 2 cos)
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+    d = [math.sqrt(2.0), math.sqrt(2.0), math.sqrt(2.0)]
+    assert koleo_loss(x).item() == pytest.approx(-sum(math.log(v) for v in d) / 3, rel=1e-5)
+    close = torch.tensor([[1.0, 0.0], [1.0, 0.1], [-1.0, 0.0]])
+    assert koleo_loss(close).item() > koleo_loss(x).item()  # crowded features cost more
+
+
+def test_head_batch_norm_and_koleo_train_through_the_method() -> None:
+    cfg = PretrainConfig(arch="resnet18", global_size=32, local_size=16, n_local=1, out_dim=16, hidden_dim=16,
+                         bottleneck_dim=8, head_bn=True, koleo_weight=0.1, precision="fp32")
+    method = build_method(cfg)
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in method.student.head.mlp)
+    g = torch.Generator().manual_seed(0)
+    batch = {"global": torch.rand(2 * 3, 1, 32, 32, generator=g), "local": torch.rand(3, 1, 16, 16, generator=g)}
+    loss, stats = method.loss(method.student, batch, Progress(step=10, epoch=2, steps_per_epoch=4, total_steps=40))
+    loss.backward()
+    assert math.isfinite(loss.item()) and "koleo" in stats
+    assert method.student.backbone.model.conv1.weight.grad is not None
+    with pytest.raises(ConfigError, match="optimizer"):
+        PretrainConfig(optimizer="lamb").validate()

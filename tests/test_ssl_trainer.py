@@ -135,3 +135,20 @@ def test_iterable_source_without_len(tmp_path: Path) -> None:
     assert summary.steps == 2 and math.isfinite(summary.loss)
     with pytest.raises(ConfigError, match="data ended after 2 batches"):
         train(tiny_cfg(steps_per_epoch=3, epochs=1), tmp_path / "c", _Stream(items), show_progress=False)
+
+
+def test_monitor_runs_on_the_trained_backbone_after_each_epoch(tmp_path: Path) -> None:
+    items = real_xrays(8)
+    x = real_xrays(2, 32)[0]["image"][None]
+    seen: list[bool] = []
+
+    def monitor(backbone: torch.nn.Module) -> dict[str, float]:
+        seen.append(backbone.training)
+        return {"feature_norm": float(backbone(x).norm())}
+
+    trainer = Trainer(tiny_cfg(epochs=3), tmp_path, items, show_progress=False, monitor=monitor)
+    trainer.fit()
+    records = [json.loads(line) for line in (tmp_path / "monitor.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in records] == [(2, 1), (4, 2), (6, 3)]
+    assert seen == [False, False, False] and trainer.method.training  # eval for the monitor, train after
+    assert all(math.isfinite(r["feature_norm"]) and r["feature_norm"] > 0 for r in records)

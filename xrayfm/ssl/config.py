@@ -27,12 +27,15 @@ class PretrainConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = True
+    head_bn: bool = False            # batch norm in the head's hidden layers (DINO's ResNet option)
     freeze_last_layer_epochs: float = 1.0
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: float = 0.0
     center_momentum: float = 0.9
+    centering: str = "ema"           # ema (DINO) | sinkhorn (DINOv2's Sinkhorn-Knopp targets)
+    koleo_weight: float = 0.0        # DINOv2's KoLeo spread term on the student's pooled features
     momentum_teacher: float = 0.996  # cosine to 1.0 over training, per step
     # views
     global_size: int = 224
@@ -48,6 +51,7 @@ class PretrainConfig:
     base_lr: float = 5e-4            # scaled by total batch / 256
     min_lr: float = 1e-6
     warmup_epochs: float = 10.0
+    optimizer: str = "adamw"         # adamw | sgd (momentum 0.9; DINO's ResNet recipe)
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     clip_grad: float = 3.0           # global gradient norm; 0 disables
@@ -69,6 +73,12 @@ class PretrainConfig:
         for key in positive:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ConfigError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.centering not in ("ema", "sinkhorn"):
+            raise ConfigError(f"centering must be ema or sinkhorn, got {self.centering!r}")
+        if self.koleo_weight < 0:
+            raise ConfigError(f"koleo_weight must be >= 0, got {self.koleo_weight}")
         if self.n_local < 0:
             raise ConfigError(f"n_local must be >= 0, got {self.n_local}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):

@@ -43,13 +43,13 @@ class DinoHead(nn.Module):
     """Projection head: 3-layer MLP -> L2-normalised bottleneck -> weight-normalised prototypes."""
 
     def __init__(self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 2048,
-                 bottleneck_dim: int = 256, norm_last_layer: bool = True) -> None:
+                 bottleneck_dim: int = 256, norm_last_layer: bool = True, batch_norm: bool = False) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-            nn.Linear(hidden_dim, bottleneck_dim),
-        )
+
+        def hidden(d_in: int) -> list[nn.Module]:
+            return [nn.Linear(d_in, hidden_dim), *([nn.BatchNorm1d(hidden_dim)] if batch_norm else []), nn.GELU()]
+
+        self.mlp = nn.Sequential(*hidden(in_dim), *hidden(hidden_dim), nn.Linear(hidden_dim, bottleneck_dim))
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -72,28 +72,76 @@ class MultiCropNet(nn.Module):
         self.backbone, self.head = backbone, head
         self.channels_last = isinstance(backbone, ResNetBackbone)
 
-    def forward(self, crops: Sequence[Tensor]) -> Tensor:
+    def forward(self, crops: Sequence[Tensor], return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Head outputs of all crops in order; with ``return_features`` also the pooled backbone features."""
         feats = []
         for x in crops:
             if x.numel():
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 feats.append(self.backbone(x))
-        return self.head(torch.cat(feats))
+        pooled = torch.cat(feats)
+        out = self.head(pooled)
+        return (out, pooled) if return_features else out
+
+
+def _all_reduce(x: Tensor) -> Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_out: Tensor, temp: float, iterations: int = 3) -> Tensor:
+    """Teacher targets with equal mass per prototype over the (global) batch (DINOv2's centring).
+
+    Alternately normalises the prototypes' total mass to 1/K and each sample's to 1/B, starting
+    from ``exp(teacher_out / temp)``; rows of the result sum to 1. Sums are all-reduced when
+    torch.distributed is initialised, so B is the batch over all ranks.
+    """
+    logits = teacher_out.float() / temp
+    top = logits.max().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)  # one shift on every rank keeps the global sums exact
+    q = (logits - top).exp().T  # (K, B)
+    n_samples = _all_reduce(torch.tensor([float(q.shape[1])], device=q.device))
+    k = q.shape[0]
+    q /= _all_reduce(q.sum().reshape(1))
+    for _ in range(iterations):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True)) * k
+        q /= q.sum(dim=0, keepdim=True) * n_samples
+    return (q * n_samples).T
+
+
+def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """Kozachenko-Leonenko entropy regulariser (DINOv2): ``-mean log`` distance of each
+    L2-normalised row to its nearest other row in the batch; pushes features apart."""
+    with torch.autocast(x.device.type, enabled=False):
+        z = F.normalize(x.float(), dim=-1)
+        sim = z @ z.T
+        sim.fill_diagonal_(-2.0)
+        nearest = sim.argmax(dim=1)
+        d = (z - z[nearest]).norm(dim=-1)
+        return -(d + eps).log().mean()
 
 
 class DinoLoss(nn.Module):
     """Cross-entropy between centred/sharpened teacher and student distributions over view pairs.
 
-    Works in one process; the centre's batch mean is all-reduced only when torch.distributed is
-    initialised. ``forward`` returns the loss and detached statistics: teacher entropy (per
-    sample and of the batch mean) and KL(teacher || student).
+    ``centering="ema"`` (DINO) subtracts an EMA of the teacher's batch mean before sharpening;
+    ``"sinkhorn"`` (DINOv2) replaces both by :func:`sinkhorn_knopp` targets. Works in one
+    process; the centre's batch mean is all-reduced only when torch.distributed is initialised.
+    ``forward`` returns the loss and detached statistics: teacher entropy (per sample and of the
+    batch mean) and KL(teacher || student).
     """
 
     def __init__(self, out_dim: int, n_global: int = 2, student_temp: float = 0.1,
-                 center_momentum: float = 0.9) -> None:
+                 center_momentum: float = 0.9, centering: str = "ema") -> None:
         super().__init__()
+        if centering not in ("ema", "sinkhorn"):
+            raise ValueError(f"centering must be 'ema' or 'sinkhorn', got {centering!r}")
         self.n_global, self.student_temp, self.center_momentum = n_global, student_temp, center_momentum
+        self.centering = centering
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_out: Tensor, teacher_out: Tensor,
@@ -106,9 +154,13 @@ class DinoLoss(nn.Module):
         batch = teacher_out.shape[0] // self.n_global
         n_crops = student_out.shape[0] // batch
         log_p = F.log_softmax(student_out / self.student_temp, dim=-1).view(n_crops, batch, -1)
-        log_q = F.log_softmax((teacher_out - self.center) / teacher_temp, dim=-1)
-        log_q = log_q.view(self.n_global, batch, -1)
-        q = log_q.exp()
+        if self.centering == "sinkhorn":
+            q = sinkhorn_knopp(teacher_out, teacher_temp).view(self.n_global, batch, -1)
+            log_q = q.clamp_min(1e-12).log()
+        else:
+            log_q = F.log_softmax((teacher_out - self.center) / teacher_temp, dim=-1)
+            log_q = log_q.view(self.n_global, batch, -1)
+            q = log_q.exp()
         # ce[t, v] = mean over the batch of -sum_k q_t log p_v; the pairs t == v are excluded.
         ce = -torch.einsum("tbk,vbk->tv", q, log_p) / batch
         keep = torch.ones_like(ce, dtype=torch.bool)
@@ -120,15 +172,15 @@ class DinoLoss(nn.Module):
             batch_entropy = -(mean_q * mean_q.clamp_min(1e-12).log()).sum()
             stats = {"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy,
                      "kl": loss.detach() - entropy}
-        self.update_center(teacher_out)
+        if self.centering == "ema":
+            self.update_center(teacher_out)
         return loss, stats
 
     @torch.no_grad()
     def update_center(self, teacher_out: Tensor) -> None:
-        total = teacher_out.sum(dim=0, keepdim=True)
+        total = _all_reduce(teacher_out.sum(dim=0, keepdim=True))
         count = teacher_out.shape[0]
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total)
             count *= dist.get_world_size()
         self.center.mul_(self.center_momentum).add_(total / count, alpha=1.0 - self.center_momentum)
 
@@ -158,7 +210,7 @@ class DinoMethod(SSLMethod):
 
         def head() -> DinoHead:
             return DinoHead(student_bb.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
-                            cfg.norm_last_layer)
+                            cfg.norm_last_layer, cfg.head_bn)
 
         self.student = MultiCropNet(student_bb, head())
         self.teacher = MultiCropNet(teacher_bb, copy.deepcopy(self.student.head))
@@ -166,7 +218,7 @@ class DinoMethod(SSLMethod):
         if isinstance(student_bb, ResNetBackbone):
             self.student.to(memory_format=torch.channels_last)
             self.teacher.to(memory_format=torch.channels_last)
-        self.criterion = DinoLoss(cfg.out_dim, 2, cfg.student_temp, cfg.center_momentum)
+        self.criterion = DinoLoss(cfg.out_dim, 2, cfg.student_temp, cfg.center_momentum, cfg.centering)
 
     def make_transform(self) -> MultiCropTransform:
         c = self.cfg
@@ -184,8 +236,15 @@ class DinoMethod(SSLMethod):
              progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.no_grad():
             teacher_out = self.teacher([batch["global"]])
-        student_out = student([batch["global"], batch["local"]])
-        return self.criterion(student_out, teacher_out, self.teacher_temp(progress))
+        if self.cfg.koleo_weight <= 0:
+            student_out = student([batch["global"], batch["local"]])
+            return self.criterion(student_out, teacher_out, self.teacher_temp(progress))
+        student_out, pooled = student([batch["global"], batch["local"]], return_features=True)
+        loss, stats = self.criterion(student_out, teacher_out, self.teacher_temp(progress))
+        n = batch["global"].shape[0] // 2
+        koleo = sum(koleo_loss(pooled[i * n:(i + 1) * n]) for i in range(2)) / 2
+        stats["koleo"] = koleo.detach()
+        return loss + self.cfg.koleo_weight * koleo, stats
 
     def after_backward(self, progress: Progress) -> None:
         if progress.epoch_float < self.cfg.freeze_last_layer_epochs:

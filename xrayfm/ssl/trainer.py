@@ -14,7 +14,7 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,13 +91,16 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
-def make_optimizer(module: nn.Module) -> torch.optim.AdamW:
-    """AdamW with two groups (no weight decay on biases and norm parameters), fused when possible."""
+def make_optimizer(module: nn.Module, kind: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (or SGD with momentum 0.9) with two groups: no weight decay on biases and norm
+    parameters; fused when possible. The trainer sets lr and weight decay every step."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "no_decay": True}]
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9, foreach=True)
     try:
         return torch.optim.AdamW(groups, lr=0.0, fused=True)
     except (RuntimeError, ValueError):
@@ -109,9 +112,11 @@ class Trainer:
 
     def __init__(self, cfg: PretrainConfig, out_dir: str | Path, dataset: Dataset | IterableDataset,
                  n_images: int | None = None, resume: bool | None = None, show_progress: bool = True,
-                 data_summary: dict[str, Any] | None = None) -> None:
+                 data_summary: dict[str, Any] | None = None,
+                 monitor: Callable[[nn.Module], dict[str, float]] | None = None) -> None:
         cfg.validate()
         self.cfg, self.out, self.dataset = cfg, Path(out_dir), dataset
+        self.monitor = monitor  # called on the trained backbone (eval mode, no grad) after each epoch
         self.show_progress = show_progress
         if resume and not (self.out / CHECKPOINT_NAME).is_file():
             raise ConfigError(f"resume requested but {self.out / CHECKPOINT_NAME} does not exist; "
@@ -125,7 +130,7 @@ class Trainer:
             self.method.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.method.teacher)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.optimizer = make_optimizer(self.method.student)
+        self.optimizer = make_optimizer(self.method.student, cfg.optimizer)
         self.student: nn.Module = self.method.student
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -313,6 +318,7 @@ class Trainer:
                     bar(self.step, stats)
                 if self.step_in_epoch == self.steps_per_epoch:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    self._run_monitor(logger)
                 self._save()
         if is_main:
             if logger is not None:
@@ -323,6 +329,16 @@ class Trainer:
                 "finished": self.step >= self.total_steps})
         return TrainSummary(self.step, self.total_steps, stats["loss"], speed, str(self.out),
                             self.resumed_from)
+
+    def _run_monitor(self, logger: _MetricsLog | None) -> None:
+        if self.monitor is None or logger is None:
+            return
+        backbone = self.method.trained_backbone()
+        backbone.eval()
+        with torch.no_grad():
+            result = self.monitor(backbone)
+        self.method.train()
+        logger.write({"step": self.step, "epoch": self.epoch, **result}, name="monitor")
 
     def _log(self, logger: _MetricsLog | None, stats: dict[str, float], speed: float) -> None:
         if logger is None:
@@ -336,16 +352,12 @@ class Trainer:
 
 
 class _MetricsLog:
-    """``metrics.jsonl`` (always) and TensorBoard scalars (when tensorboard is installed)."""
+    """``metrics.jsonl`` (per logged step), ``monitor.jsonl`` (per epoch, when a monitor is given)
+    and TensorBoard scalars of both (when tensorboard is installed)."""
 
     def __init__(self, out: Path, resumed_from: int | None) -> None:
-        self.path = out / "metrics.jsonl"
         self.last_warning: str | None = None
-        if self.path.exists():  # drop records the resumed run will write again
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln and resumed_from is not None and json.loads(ln)["step"] <= resumed_from]
-            atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
-        self.file = self.path.open("a")
+        self.files = {name: self._open(out / f"{name}.jsonl", resumed_from) for name in ("metrics", "monitor")}
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -353,16 +365,25 @@ class _MetricsLog:
         except ImportError:
             self.tb = None
 
-    def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+    @staticmethod
+    def _open(path: Path, resumed_from: int | None) -> Any:
+        if path.exists():  # drop records the resumed run will write again
+            keep = [ln for ln in path.read_text().splitlines()
+                    if ln and resumed_from is not None and json.loads(ln)["step"] <= resumed_from]
+            atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+        return path.open("a")
+
+    def write(self, record: dict[str, Any], name: str = "metrics") -> None:
+        self.files[name].write(json.dumps(record) + "\n")
+        self.files[name].flush()
         if self.tb is not None:
             for k, v in record.items():
-                if k != "step":
+                if k not in ("step", "epoch"):
                     self.tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
-        self.file.close()
+        for f in self.files.values():
+            f.close()
         if self.tb is not None:
             self.tb.close()
 
