@@ -104,3 +104,20 @@ def test_train_bad_input_is_one_line(world: Path, capsys: pytest.CaptureFixture[
         main(["heads", "train", *base, *args, "--out", str(world / "bad")])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and len(err) == 1 and message in err[0]
+
+
+def test_pretrain_logs_knn_region_accuracy_each_epoch(world: Path) -> None:
+    out = world / "pretrain_knn"
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--lake", str(world / "lake"), "--out", str(out), "--arch", "resnet18", "--epochs", "2",
+              "--batch-size", "4", "--global-size", "32", "--local-size", "16", "--n-local", "1",
+              "--out-dim", "32", "--num-workers", "0", "--knn-labels", str(world / "synth")])
+    assert exc.value.code == 0
+    records = [json.loads(line) for line in (out / "monitor.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert 0.0 <= r["knn_balanced_accuracy"] <= 1.0 and 0.0 <= r["knn_accuracy"] <= 1.0
+    with pytest.raises(SystemExit) as exc:
+        main(["pretrain", "--lake", str(world / "lake"), "--out", str(world / "x"), "--knn-labels",
+              str(world / "missing.parquet")])
+    assert exc.value.code == 2

@@ -34,15 +34,10 @@ def _bar(label: str, total: int | None) -> Iterator[Callable[[int], None]]:
         yield lambda n: bar.advance(task, n)
 
 
-def _labels_path(labels: str) -> str:
-    p = Path(labels)
-    return str(p / "labels.parquet") if p.is_dir() else labels
-
-
 def _load_items(lake: str, labels: str, split: str) -> list[Any]:
     from xrayfm.tasks.data import load_labeled_images
 
-    items, unlabelled = load_labeled_images(lake, _labels_path(labels), split)
+    items, unlabelled = load_labeled_images(lake, labels, split)
     if unlabelled:
         typer.echo(f"note: {unlabelled} {split} lake images have no synth label and are left out", err=True)
     return items

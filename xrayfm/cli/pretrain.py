@@ -40,6 +40,9 @@ def pretrain_cmd(
                                            "random weights, the baseline pretraining must beat."),
     num_workers: int | None = typer.Option(None, help="Data-loading processes per process (default 2)."),
     seed: int | None = typer.Option(None, help="Seed of weights, data order and augmentations (default 0)."),
+    knn_labels: Path | None = typer.Option(None, help="Synth labels.parquet (or its run folder) of the lake's images: after each epoch, "
+                                           "log weighted-kNN body-region accuracy (train split as memory bank, val "
+                                           "split as queries) to monitor.jsonl."),
     list_archs: bool = typer.Option(False, "--list", help="List backbones and methods, then exit."),
 ) -> None:
     """Pretrain a backbone self-supervised; re-running on the same --out resumes. Launch DDP with
@@ -70,8 +73,16 @@ def pretrain_cmd(
         if cfg.lake is None:
             raise ConfigError("no lake given; pass --lake LAKE (or set lake: in the --config YAML)")
         dataset, n_images = _open_lake(cfg.lake, cfg.split, cfg.where, cfg.seed)
+        monitor = None
+        if knn_labels is not None:
+            from xrayfm.tasks.evaluate import knn_monitor
+
+            if not knn_labels.exists():
+                raise ConfigError(f"--knn-labels {knn_labels} does not exist; pass the synth labels.parquet "
+                                  "or its synth run folder")
+            monitor = knn_monitor(cfg.lake, knn_labels, cfg.global_size)
         summary = train(cfg, out, dataset, n_images=n_images, resume=True if resume else None,
-                        data_summary={"lake_query": _lake_filter(cfg.split, cfg.where)})
+                        data_summary={"lake_query": _lake_filter(cfg.split, cfg.where)}, monitor=monitor)
     except (ConfigError, ValueError, FileNotFoundError, FloatingPointError) as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary line from rank 0

@@ -414,9 +414,11 @@ class _progress_bar:
 
 def train(cfg: PretrainConfig, out_dir: str | Path, dataset: Dataset | IterableDataset,
           n_images: int | None = None, resume: bool | None = None, show_progress: bool = True,
-          data_summary: dict[str, Any] | None = None) -> TrainSummary:
+          data_summary: dict[str, Any] | None = None,
+          monitor: Callable[[nn.Module], dict[str, float]] | None = None) -> TrainSummary:
     """Pretrain on ``dataset`` (items ``{"image": (1, H, W) in [0, 1]}``) into ``out_dir``.
 
     ``resume``: None continues from ``out_dir/checkpoint.pth`` when it exists, True requires it.
+    ``monitor`` (e.g. :func:`xrayfm.tasks.evaluate.knn_monitor`) is logged after each epoch.
     """
-    return Trainer(cfg, out_dir, dataset, n_images, resume, show_progress, data_summary).fit()
+    return Trainer(cfg, out_dir, dataset, n_images, resume, show_progress, data_summary, monitor).fit()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -150,7 +151,8 @@ def label_subset(items: list[LabeledImage], fraction: float, seed: int = 0,
 
 def load_labeled_images(lake: str, labels: str, split: str | None = None,
                         visible_only: bool = True) -> tuple[list[LabeledImage], int]:
-    """Lake images joined to synth labels on ``source_pixel_hash == pixel_hash``.
+    """Lake images joined to synth labels (``labels.parquet`` or its synth run folder) on
+    ``source_pixel_hash == pixel_hash``.
 
     Returns the joined items and the number of lake rows that had no label. Label coordinates
     and masks are scaled to the lake image when the lake resized it.
@@ -160,6 +162,8 @@ def load_labeled_images(lake: str, labels: str, split: str | None = None,
 
     if split is not None and split not in ("train", "val", "test"):
         raise ValueError(f"split {split!r} is not one of train, val, test")
+    if Path(labels).is_dir():  # a synth run folder
+        labels = str(Path(labels) / "labels.parquet")
     by_hash = {lab.pixel_hash: lab for lab in read_labels(labels)}
     where = None if split is None else f"split = '{split}'"
     cols = ["image_id", "split", "source_pixel_hash", "image", "pixel_spacing_mm"]

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from xrayfm.tasks.base import get_task
-from xrayfm.tasks.data import LabeledImage, images_tensor, resize_item
+from xrayfm.tasks.data import LabeledImage, images_tensor, load_labeled_images, resize_item
 from xrayfm.tasks.train import load_head_bundle, predict_items
 
 SECTION = {"classify": "classification", "segment": "segmentation", "detect": "detection"}
@@ -48,6 +48,31 @@ def pooled_features(backbone: nn.Module, items: Sequence[LabeledImage], img_size
         if progress is not None:
             progress(len(chunk))
     return torch.cat(out) if out else torch.zeros(0, getattr(backbone, "embed_dim", 0))
+
+
+def knn_monitor(lake: str, labels: str | Path, img_size: int, bank_split: str = "train",
+                query_split: str = "val") -> Callable[[nn.Module], dict[str, float]]:
+    """A pretraining monitor: weighted kNN (k=20, T=0.07) body-region accuracy and balanced
+    accuracy (macro recall) of ``query_split`` images against a ``bank_split`` memory bank."""
+    from xrayfm.tasks.classify import knn_scores
+    from xrayfm.tasks.metrics import classification_metrics
+
+    bank, _ = load_labeled_images(lake, str(labels), bank_split)
+    query, _ = load_labeled_images(lake, str(labels), query_split)
+    if not bank or not query:
+        raise ValueError(f"kNN monitor: {labels} labels {len(bank)} {bank_split} and {len(query)} {query_split} "
+                         f"images of {lake}; both must be > 0 (ingest the labelled images into this lake)")
+    y_bank = torch.tensor([it.region_index for it in bank])
+    y_query = np.array([it.region_index for it in query])
+    n_classes = int(max(y_bank.max().item(), y_query.max())) + 1
+
+    def monitor(backbone: nn.Module) -> dict[str, float]:
+        scores = knn_scores(pooled_features(backbone, bank, img_size), y_bank,
+                            pooled_features(backbone, query, img_size), n_classes)
+        m = classification_metrics(y_query, scores.numpy(), n_classes)
+        return {"knn_accuracy": round(m["accuracy"], 4), "knn_balanced_accuracy": round(m["recall_macro"], 4)}
+
+    return monitor
 
 
 def classification_baselines(backbone: nn.Module, train: Sequence[LabeledImage], test: Sequence[LabeledImage],
