@@ -39,12 +39,16 @@ def test_every_stage_prints_its_command_and_the_report_is_written(demo: tuple[Pa
     assert f"open {out / 'report.html'}" in stdout
     html = (out / "report.html").read_text()
     assert "<img" in html and "http://" not in html and "https://" not in html
+    assert "needs metrics of one label at two or more label fractions" not in html  # the curve is drawn
 
 
 def test_metrics_have_the_documented_keys_for_every_backbone(demo: tuple[Path, str]) -> None:
     out, _ = demo
-    names = sorted(p.stem for p in (out / "metrics").glob("*.json"))
+    names = sorted(p.stem for p in (out / "metrics").glob("*.json") if "_f" not in p.stem)
     assert names == ["random_vit_tiny_patch16", "resnet18", "vit_tiny_patch16"]
+    for name in ("vit_tiny_patch16", "random_vit_tiny_patch16"):  # the label-efficiency points
+        few = json.loads((out / "metrics" / f"{name}_f0.25.json").read_text())
+        assert set(few) >= {"classification", "backbone"} and "segmentation" not in few
     for name in names:
         doc = json.loads((out / "metrics" / f"{name}.json").read_text())
         assert set(doc["classification"]) >= {"accuracy", "precision_macro", "recall_macro", "f1_macro",

@@ -41,13 +41,14 @@ class Profile:
     head_epochs: int
     archs: tuple[str, ...] = ("vit_tiny_patch16", "resnet18")
     reference_recipe: bool = False  # True: DINO's reference schedules instead of the small-data one
+    label_fractions: tuple[float, ...] = (0.1, 0.3)  # extra classify heads: the label-efficiency curve
 
 
 PROFILES: dict[str, Profile] = {
     # ~3 minutes on 2 CPU cores: proves the chain runs (used by CI); numbers are not meaningful.
     "quick": Profile(n_images=48, images_per_study=2, image_size=128, synth_workers=2, pretrain_epochs=3, batch_size=16,
                      global_size=64, local_size=32, n_local=2, out_dim=256, head_img_size=64,
-                     head_epochs=5),
+                     head_epochs=5, label_fractions=(0.25,)),
     # the README default: under 15 minutes on 2 CPU cores.
     "default": Profile(n_images=320, images_per_study=4, image_size=256, synth_workers=2, pretrain_epochs=6, batch_size=32,
                        global_size=128, local_size=64, n_local=4, out_dim=1024, head_img_size=128,
@@ -55,7 +56,8 @@ PROFILES: dict[str, Profile] = {
     # for a GPU machine: more data, bigger crops, longer schedules.
     "full": Profile(n_images=4000, images_per_study=8, image_size=256, synth_workers=8, pretrain_epochs=100, batch_size=64,
                     global_size=224, local_size=96, n_local=8, out_dim=4096, head_img_size=224,
-                    head_epochs=50, archs=("vit_small_patch16", "resnet50"), reference_recipe=True),
+                    head_epochs=50, archs=("vit_small_patch16", "resnet50"), reference_recipe=True,
+                    label_fractions=(0.01, 0.1)),
 }
 
 TASKS = ("classify", "segment", "detect")
@@ -140,6 +142,23 @@ def plan(out: Path, p: Profile, seed: int) -> list[Stage]:
              "--split", "test", "--out", str(out / "metrics" / f"{name}.json"), "--classical"],
             out / "metrics" / f"{name}.json"))
     best = p.archs[0]
+    curves: list[tuple[str, Path]] = []
+    for name in (best, f"random_{best}"):
+        for frac in p.label_fractions:
+            head = out / "heads" / name / f"classify_f{frac}"
+            doc = out / "metrics" / f"{name}_f{frac}.json"
+            stages.append(Stage(
+                f"classify head on frozen {name} with {frac:.0%} of the labels",
+                ["heads", "train", "--backbone", str(backbones[name]), "--task", "classify", "--lake", str(lake),
+                 "--labels", str(labels), "--out", str(head), "--img-size", str(p.head_img_size), "--epochs",
+                 str(p.head_epochs), "--seed", str(seed), "--label-fraction", str(frac)],
+                head / "run.json"))
+            stages.append(Stage(
+                f"evaluate it on the test split ({name}, {frac:.0%} labels)",
+                ["evaluate", "--backbone", str(backbones[name]), "--heads", str(head), "--lake", str(lake),
+                 "--labels", str(labels), "--split", "test", "--out", str(doc)],
+                doc))
+            curves.append((name, doc))
     bundle = out / "bundle"
     stages.append(Stage(
         f"bundle {best} with its three heads for predict/serve",
@@ -152,6 +171,7 @@ def plan(out: Path, p: Profile, seed: int) -> list[Stage]:
         ["predict", str(samples), "--model", str(bundle), "--out", str(out / "predictions")],
         out / "predictions"))
     metrics = [a for name in backbones for a in ("--metrics", f"{name}={out / 'metrics' / f'{name}.json'}")]
+    metrics += [a for name, doc in curves for a in ("--metrics", f"{name}={doc}")]
     runs = [a for arch in p.archs for a in ("--runs", str(out / "runs" / arch))]
     stages.append(Stage(
         "write the HTML report",
