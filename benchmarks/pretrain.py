@@ -6,9 +6,13 @@ loading off the critical path), one input channel. For each backbone it times
 
 * ``xrayfm``: ``Trainer.train_step`` (one backbone call per crop resolution, fused AdamW, foreach
   EMA, global gradient clipping, schedules, centre) in fp32 and with bf16 autocast;
-* ``peer``: a re-implementation of how the lightly DINO example assembles its pieces (one
-  backbone call per crop, weight-normalised last layer via ``torch.nn.utils``, pairwise loss in
-  Python, per-parameter EMA loop, default AdamW) in fp32 and bf16 autocast.
+* ``lightly``: the ``lightly`` package's own pieces (``pip install -e '.[bench]'``:
+  ``DINOProjectionHead`` with the same sizes, ``DINOLoss``, ``update_momentum``,
+  ``cancel_last_layer_gradients``) assembled as its DINO example does (one backbone call per crop,
+  a list of views into the loss, Adam), in fp32 and bf16 autocast; skipped when not installed;
+* ``peer``: our re-implementation of that example (one backbone call per crop, weight-normalised
+  last layer via ``torch.nn.utils``, pairwise loss in Python, per-parameter EMA loop, default
+  AdamW) in fp32 and bf16 autocast, for machines without ``lightly``.
 
 FLOPs per image come from ``torch.utils.flop_counter`` over a full xrayfm step; the fp32 floor
 is the best measured fp32 2048^3 matmul rate divided by them. The machine is shared, so the
@@ -124,6 +128,44 @@ def peer(arch: str, amp: bool) -> Step:
     return step
 
 
+def lightly_step(arch: str, amp: bool) -> Step:
+    """lightly 1.6's DINO pieces, assembled as its example does, on the same timm backbone."""
+    from lightly.loss import DINOLoss
+    from lightly.models.modules import DINOProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+
+    spec = backbone_spec(arch)
+    kwargs = {"dynamic_img_size": True} if spec.family == "vit" else {}
+
+    def make() -> tuple[nn.Module, nn.Module]:
+        torch.manual_seed(0)
+        bb = timm.create_model(spec.timm_name, pretrained=False, in_chans=1, num_classes=0, **kwargs)
+        return bb, DINOProjectionHead(bb.num_features, 2048, 256, OUT_DIM, freeze_last_layer=1)
+
+    s_bb, s_head = make()
+    t_bb, t_head = make()  # identical weights; weight-normed heads cannot be deep-copied
+    deactivate_requires_grad(t_bb)
+    deactivate_requires_grad(t_head)
+    criterion = DINOLoss(output_dim=OUT_DIM, warmup_teacher_temp_epochs=5)
+    opt = torch.optim.Adam([*s_bb.parameters(), *s_head.parameters()], lr=1e-3)
+
+    def step(batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        views = [*batch["global"].chunk(N_GLOBAL), *batch["local"].chunk(N_LOCAL)]
+        update_momentum(s_bb, t_bb, m=0.996)
+        update_momentum(s_head, t_head, m=0.996)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            t_out = [t_head(t_bb(v).flatten(start_dim=1)) for v in views[:N_GLOBAL]]
+            s_out = [s_head(s_bb(v).flatten(start_dim=1)) for v in views]
+        loss = criterion([t.float() for t in t_out], [o.float() for o in s_out], epoch=1)
+        loss.backward()
+        s_head.cancel_last_layer_gradients(current_epoch=1)
+        opt.step()
+        opt.zero_grad()
+        return {"loss": loss.item()}
+
+    return step
+
+
 def step_seconds(step: Step, seed: int) -> float:
     batch = random_batch(seed)
     t = time.perf_counter()
@@ -158,6 +200,12 @@ def main() -> None:
         makers: dict[str, Callable[[], Step]] = {
             "xrayfm_fp32": partial(ours, arch, "fp32"), "xrayfm_bf16": partial(ours, arch, "bf16"),
             "peer_fp32": partial(peer, arch, False), "peer_bf16": partial(peer, arch, True)}
+        try:
+            import lightly  # noqa: F401
+            makers.update({"lightly_fp32": partial(lightly_step, arch, False),
+                           "lightly_bf16": partial(lightly_step, arch, True)})
+        except ImportError:
+            print("lightly is not installed (pip install -e '.[bench]'): measuring the re-implementation only")
         steps = {name: make() for name, make in makers.items()}
         for name, step in steps.items():  # warm-up: allocator, oneDNN primitives
             step_seconds(step, 0)
@@ -178,9 +226,11 @@ def main() -> None:
                          "pct_of_fp32_floor_best": round(100 * best / floor, 1)}
             print(f"{arch:18s} {name:12s} best {best:6.2f} median {median:6.2f} images/s "
                   f"({100 * best / floor:5.1f}% of fp32 floor)", flush=True)
-        base = BATCH / statistics.median(times["peer_fp32"])
-        row["median_speedup_vs_peer_fp32"] = {
-            name: round(BATCH / statistics.median(ts) / base, 2) for name, ts in times.items()}
+        for ref in ("peer_fp32", "lightly_fp32", "lightly_bf16"):
+            if ref in times:
+                base = BATCH / statistics.median(times[ref])
+                row[f"median_speedup_vs_{ref}"] = {
+                    name: round(BATCH / statistics.median(ts) / base, 2) for name, ts in times.items()}
         result["archs"][arch] = row  # type: ignore[index]
     result["load_avg_1min_after"] = os.getloadavg()[0]
     atomic_write_text(RESULTS, json.dumps(result, indent=2))

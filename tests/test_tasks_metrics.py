@@ -53,6 +53,12 @@ def test_dice_iou_hand_and_empty() -> None:
     r = M.segmentation_metrics([p, np.zeros((4, 4))], [t, np.zeros((4, 4))], boundary_k=None)
     assert r["dice_mean"] == pytest.approx((4 / 6 + 1) / 2)
     assert r["iou_mean"] == pytest.approx((0.5 + 1) / 2)
+    assert r["dice_positive_mean"] == pytest.approx(4 / 6) and r["n_positive"] == 1
+    assert r["empty_fp_rate"] == 0.0
+    nothing = M.segmentation_metrics([np.zeros((4, 4)), np.zeros((4, 4)), p], [t, np.zeros((4, 4)), np.zeros((4, 4))],
+                                     boundary_k=None)
+    assert nothing["dice_mean"] == pytest.approx(1 / 3)  # predicting nothing still scores the empty image
+    assert nothing["dice_positive_mean"] == 0.0 and nothing["empty_fp_rate"] == 0.5
     with pytest.raises(ValueError, match="resize"):
         M.dice(np.zeros((2, 2)), np.zeros((3, 3)))
 

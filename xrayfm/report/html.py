@@ -34,10 +34,12 @@ SECTIONS = (
 # (column title, section, key, format)
 COLUMNS = (
     ("accuracy", "classification", "accuracy", "{:.3f}"),
+    ("balanced acc", "classification", "recall_macro", "{:.3f}"),
     ("top-3 acc", "classification", "top3_accuracy", "{:.3f}"),
     ("macro F1", "classification", "f1_macro", "{:.3f}"),
     ("kNN acc", "classification", "knn_accuracy", "{:.3f}"),
     ("Dice", "segmentation", "dice_mean", "{:.3f}"),
+    ("Dice (images with metal)", "segmentation", "dice_positive_mean", "{:.3f}"),
     ("boundary Dice", "segmentation", "boundary_dice_mean", "{:.3f}"),
     ("screw AP", "detection", "ap", "{:.3f}"),
     ("head err mm", "detection", "head_error_mm", "{:.2f}"),

@@ -156,17 +156,29 @@ def boundary_dice(pred: Any, true: Any, k: float = 2.0) -> float:
 
 
 def segmentation_metrics(preds: Sequence[Any], trues: Sequence[Any], boundary_k: float | None = 2.0) -> dict[str, Any]:
-    """Per-image Dice/IoU (and boundary Dice) and their means over images."""
+    """Per-image Dice/IoU (and boundary Dice) and their means over images.
+
+    ``dice_mean`` counts an image with an empty true and predicted mask as 1, so a head that
+    predicts nothing scores the share of empty images; ``dice_positive_mean`` (images whose true
+    mask is non-empty; NaN when there are none) and ``empty_fp_rate`` (empty images with any
+    predicted pixel) separate the two halves of that number.
+    """
     if len(preds) != len(trues):
         raise ValueError(f"{len(preds)} predicted masks but {len(trues)} true masks; pass one per image")
     d = [dice(p, t) for p, t in zip(preds, trues)]
     j = [iou(p, t) for p, t in zip(preds, trues)]
+    positive = [bool(np.asarray(t).any()) for t in trues]
+    d_pos = [v for v, pos in zip(d, positive) if pos]
+    fp = [bool(np.asarray(p).any()) for p, pos in zip(preds, positive) if not pos]
     out: dict[str, Any] = {
         "dice_mean": float(np.mean(d)) if d else float("nan"),
         "iou_mean": float(np.mean(j)) if j else float("nan"),
+        "dice_positive_mean": float(np.mean(d_pos)) if d_pos else float("nan"),
+        "empty_fp_rate": float(np.mean(fp)) if fp else float("nan"),
         "dice_per_image": d,
         "iou_per_image": j,
         "n": len(d),
+        "n_positive": len(d_pos),
     }
     if boundary_k is not None:
         b = [boundary_dice(p, t, boundary_k) for p, t in zip(preds, trues)]
