@@ -40,7 +40,8 @@ def test_segmentation_head_learns_painted_metal(tmp_path) -> None:
     assert history[-1]["loss"] < history[0]["loss"]
     task = get_task("segment")
     m = task.metrics(predict_items(bb, head, task, test, 96), test)
-    assert m["dice_mean"] > 0.6  # measured 0.73 (random-init frozen resnet18, 60 steps)
+    assert m["dice_mean"] > 0.6  # measured 0.83 with batch Dice (0.73 with per-image Dice)
+    assert m["dice_positive_mean"] > 0.6 and m["n_positive"] >= 8  # measured 0.75 on 11 rod images
     # bundle round trip gives the same predictions
     save_head_bundle(tmp_path / "seg", head, cfg, bb, {"arch": "resnet18"}, history, head_arguments(task, cfg))
     head2, card = load_head_bundle(tmp_path / "seg")
