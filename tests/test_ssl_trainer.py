@@ -152,3 +152,16 @@ def test_monitor_runs_on_the_trained_backbone_after_each_epoch(tmp_path: Path) -
     assert [(r["step"], r["epoch"]) for r in records] == [(2, 1), (4, 2), (6, 3)]
     assert seen == [False, False, False] and trainer.method.training  # eval for the monitor, train after
     assert all(math.isfinite(r["feature_norm"]) and r["feature_norm"] > 0 for r in records)
+
+
+def test_checkpoint_older_than_a_config_key_resumes_with_its_default(tmp_path: Path) -> None:
+    from xrayfm.ssl.checkpoint import save_checkpoint
+
+    items = real_xrays(8)
+    train(tiny_cfg(max_steps=1), tmp_path, items, show_progress=False)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pth")
+    del ckpt["config"]["koleo_weight"]  # as written before the key existed
+    save_checkpoint(tmp_path / "checkpoint.pth", ckpt)
+    assert train(tiny_cfg(max_steps=2), tmp_path, items, show_progress=False).resumed_from == 1
+    with pytest.raises(ConfigError, match="koleo_weight"):
+        train(tiny_cfg(max_steps=3, koleo_weight=0.1), tmp_path, items, show_progress=False)

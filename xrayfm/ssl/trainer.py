@@ -207,7 +207,9 @@ class Trainer:
             return None
         ckpt = load_checkpoint(path)
         saved, now = ckpt["config"], to_dict(self.cfg)
-        changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+        # a key newer than the checkpoint counts as its default, which reproduces the old behaviour
+        defaults = to_dict(PretrainConfig())
+        changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k])
         if changed:
             raise ConfigError(f"{path} was made with different {', '.join(changed)}; use the same "
                               "settings to resume or choose a new output folder")
