@@ -40,6 +40,8 @@ def test_every_stage_prints_its_command_and_the_report_is_written(demo: tuple[Pa
     html = (out / "report.html").read_text()
     assert "<img" in html and "http://" not in html and "https://" not in html
     assert "needs metrics of one label at two or more label fractions" not in html  # the curve is drawn
+    assert "needs a ViT model bundle" not in html  # ViT attention next to the bundled ResNet
+    assert json.loads((out / "bundle" / "bundle.json").read_text())["arch"] == "resnet18"
 
 
 def test_metrics_have_the_documented_keys_for_every_backbone(demo: tuple[Path, str]) -> None:

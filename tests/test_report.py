@@ -165,3 +165,21 @@ def test_overlay_draws_mask_box_head_and_tip_at_their_pixels() -> None:
     assert tuple(out[50, 40]) == HEAD_RGB and tuple(out[60, 110]) == TIP_RGB
     assert tuple(out[55, 30]) == BOX_RGB and tuple(out[40, 75]) == BOX_RGB
     assert tuple(out[5, 150]) == (51, 51, 51)  # untouched background
+
+
+def test_report_attention_backbone_must_be_a_vit(inputs: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from xrayfm.models import create_backbone
+    from xrayfm.models.card import export_backbone
+
+    cnn = tmp_path / "cnn"
+    export_backbone(create_backbone("resnet18", img_size=64), cnn, 64, extra={"method": "random_init"})
+    args = ["report", "--out", str(tmp_path / "r.html"), "--model", str(inputs["bundle"]), "--images",
+            str(pydicom_data_file("RG3_UNCR.dcm"))]
+    for extra, code in (([], 0), (["--attention-backbone", str(inputs["bundle"])], 0),
+                        (["--attention-backbone", str(cnn)], 2)):
+        with pytest.raises(SystemExit) as done:
+            main(args + extra)
+        assert int(done.value.code or 0) == code, extra
+    err = capsys.readouterr().err
+    assert "not a ViT" in err and "\n" not in err.strip()

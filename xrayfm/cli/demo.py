@@ -42,6 +42,9 @@ class Profile:
     archs: tuple[str, ...] = ("vit_tiny_patch16", "resnet18")
     reference_recipe: bool = False  # True: DINO's reference schedules instead of the small-data one
     label_fractions: tuple[float, ...] = (0.1, 0.3)  # extra classify heads: the label-efficiency curve
+    # bundled for predict/serve and the report's sample figures; on CPU-sized runs the ResNet's
+    # multi-scale features carry segmentation and screws (docs/demo.md), the ViT gives attention maps
+    bundle_arch: str = "resnet18"
 
 
 PROFILES: dict[str, Profile] = {
@@ -57,7 +60,7 @@ PROFILES: dict[str, Profile] = {
     "full": Profile(n_images=4000, images_per_study=8, image_size=256, synth_workers=8, pretrain_epochs=100, batch_size=64,
                     global_size=224, local_size=96, n_local=8, out_dim=4096, head_img_size=224,
                     head_epochs=50, archs=("vit_small_patch16", "resnet50"), reference_recipe=True,
-                    label_fractions=(0.01, 0.1)),
+                    label_fractions=(0.01, 0.1), bundle_arch="vit_small_patch16"),
 }
 
 TASKS = ("classify", "segment", "detect")
@@ -159,11 +162,11 @@ def plan(out: Path, p: Profile, seed: int) -> list[Stage]:
                  "--labels", str(labels), "--split", "test", "--out", str(doc)],
                 doc))
             curves.append((name, doc))
-    bundle = out / "bundle"
+    bundle, bundled = out / "bundle", p.bundle_arch
     stages.append(Stage(
-        f"bundle {best} with its three heads for predict/serve",
-        ["bundle", "--backbone", str(backbones[best]),
-         *[a for task in TASKS for a in ("--heads", str(out / "heads" / best / task))], "--out", str(bundle)],
+        f"bundle {bundled} with its three heads for predict/serve",
+        ["bundle", "--backbone", str(backbones[bundled]),
+         *[a for task in TASKS for a in ("--heads", str(out / "heads" / bundled / task))], "--out", str(bundle)],
         bundle / "bundle.json"))
     samples = out / "samples"
     stages.append(Stage(
@@ -173,10 +176,12 @@ def plan(out: Path, p: Profile, seed: int) -> list[Stage]:
     metrics = [a for name in backbones for a in ("--metrics", f"{name}={out / 'metrics' / f'{name}.json'}")]
     metrics += [a for name, doc in curves for a in ("--metrics", f"{name}={doc}")]
     runs = [a for arch in p.archs for a in ("--runs", str(out / "runs" / arch))]
+    vits = [arch for arch in p.archs if arch.startswith("vit")]
+    attention = ["--attention-backbone", str(out / "runs" / vits[0])] if vits and bundled not in vits else []
     stages.append(Stage(
         "write the HTML report",
         ["report", "--out", str(out / "report.html"), *runs, *metrics, "--model", str(bundle), "--images",
-         str(samples)],
+         str(samples), *attention],
         out / "report.html"))
     return stages
 

@@ -32,6 +32,11 @@ def report_cmd(
     images: Annotated[
         list[Path] | None, typer.Option("--images", help="Sample image files or folders (with --model).")
     ] = None,
+    attention_backbone: Annotated[
+        Path | None,
+        typer.Option(help="ViT pretrain run (or bundle) whose CLS attention is drawn on the sample images, "
+                     "when the --model bundle is not a ViT."),
+    ] = None,
     max_images: Annotated[int, typer.Option(help="Most sample images.")] = 6,
     title: Annotated[str, typer.Option(help="Report title.")] = "xrayfm report",
 ) -> None:
@@ -68,7 +73,18 @@ def report_cmd(
 
                 bundle = ModelBundle.load(model)
                 class_names = bundle.class_names
-                samples = predict_samples(bundle, [f for f, _ in list_inputs(images)], max_images)
+                vit = None
+                if attention_backbone is not None:
+                    from xrayfm.models.backbones import ViTBackbone
+                    from xrayfm.models.card import load_backbone
+
+                    backbone, card = load_backbone(str(attention_backbone))
+                    if not isinstance(backbone, ViTBackbone):
+                        raise UserError(f"--attention-backbone {attention_backbone} is a {card['arch']}, not a ViT; "
+                                        "pass a ViT pretrain run")
+                    vit = (backbone, int(card["input_size"]))
+                samples = predict_samples(bundle, [f for f, _ in list_inputs(images)], max_images,
+                                          attention_backbone=vit)
                 bar.advance(task)
             if not class_names:
                 from xrayfm.synth.regions import REGIONS

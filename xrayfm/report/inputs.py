@@ -123,9 +123,14 @@ def load_metrics(spec: str) -> MetricsDoc:
 
 
 def predict_samples(
-    bundle: Any, paths: list[Path], max_images: int = 6, attention: bool = True
+    bundle: Any, paths: list[Path], max_images: int = 6, attention: bool = True,
+    attention_backbone: tuple[Any, int] | None = None,
 ) -> list[Sample]:
-    """Predict the first frame of up to ``max_images`` files (with embeddings, and ViT attention)."""
+    """Predict the first frame of up to ``max_images`` files (with embeddings, and ViT attention).
+
+    Attention comes from ``attention_backbone`` (a ViT and its input size) when given, else from
+    the bundle's backbone when that is a ViT.
+    """
     from xrayfm.io import FrameSampling, read_any
     from xrayfm.models.backbones import ViTBackbone
     from xrayfm.report.analysis import cls_attention
@@ -137,8 +142,9 @@ def predict_samples(
         frame = next(iter(read_any(path, FrameSampling(max_frames=1))))
         result = bundle.predict([frame.image], [frame_spacing(frame)], return_embedding=True)[0]
         att = None
-        if attention and isinstance(bundle.backbone, ViTBackbone):
-            small = resize_item(LabeledImage(image=frame.image, image_id=""), bundle.input_size).image
-            att = cls_attention(bundle.backbone, small)
+        vit, size = attention_backbone or (bundle.backbone, bundle.input_size)
+        if attention and isinstance(vit, ViTBackbone):
+            small = resize_item(LabeledImage(image=frame.image, image_id=""), size).image
+            att = cls_attention(vit, small)
         samples.append(Sample(path.name, frame.image, result, att))
     return samples
