@@ -169,7 +169,7 @@ def test_sinkhorn_targets_match_the_reference_equations() -> None:
     assert got.mean(0).max() - got.mean(0).min() < 0.05
     crit = DinoLoss(out_dim=4, n_global=1, centering="sinkhorn")
     student = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
-    loss, stats = crit(torch.cat([student, student]), torch.tensor(scores), 0.1)
+    loss, _ = crit(torch.cat([student, student]), torch.tensor(scores), 0.1)
     logp = torch.log_softmax(student / 0.1, dim=-1)
     assert loss.item() == pytest.approx(-(got * logp).sum(1).mean().item(), rel=1e-5)
     assert torch.equal(crit.center, torch.zeros(1, 4))  # no EMA centre in this mode
