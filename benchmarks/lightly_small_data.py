@@ -25,9 +25,8 @@ import torch.nn.functional as F
 
 from xrayfm.models.backbones import create_backbone
 from xrayfm.ssl.multicrop import AugmentConfig, MultiCropTransform, collate_crops
-from xrayfm.tasks.classify import knn_scores
 from xrayfm.tasks.data import load_labeled_images
-from xrayfm.tasks.evaluate import pooled_features
+from xrayfm.tasks.evaluate import knn_region_monitor
 
 SIZE, BATCH, N_LOCAL, OUT_DIM = 64, 32, 4, 2048
 
@@ -45,20 +44,15 @@ def main() -> None:
     epochs = int(sys.argv[4]) if len(sys.argv) > 4 else 10
     tr, _ = load_labeled_images(lake, labels, "train")
     va, _ = load_labeled_images(lake, labels, "val")
-    ytr = torch.tensor([i.region_index for i in tr])
-    yva = torch.tensor([i.region_index for i in va])
-    n_classes = int(max(ytr.max(), yva.max())) + 1
     imgs = [F.interpolate(torch.from_numpy(i.image)[None, None].float(), size=(SIZE * 3 // 2,) * 2,
                           mode="area")[0] for i in tr]
 
+    knn = knn_region_monitor(tr, va, SIZE)
+
     def balanced_knn(backbone: torch.nn.Module) -> float:
-        backbone.eval()
-        with torch.no_grad():
-            scores = knn_scores(pooled_features(backbone, tr, SIZE), ytr, pooled_features(backbone, va, SIZE),
-                                n_classes)
-        backbone.train()
-        hit = (scores.argmax(1) == yva).float()
-        return round(torch.stack([hit[yva == c].mean() for c in yva.unique()]).mean().item(), 3)
+        result = knn(backbone)["knn_balanced_accuracy"]
+        backbone.train()  # pooled_features switched it to eval
+        return result
 
     torch.manual_seed(0)
     backbone = create_backbone(arch, img_size=SIZE)

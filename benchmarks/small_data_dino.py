@@ -30,9 +30,8 @@ from xrayfm.models.backbones import create_backbone
 from xrayfm.ssl.config import PretrainConfig
 from xrayfm.ssl.multicrop import AugmentConfig
 from xrayfm.ssl.trainer import Trainer
-from xrayfm.tasks.classify import knn_scores
 from xrayfm.tasks.data import load_labeled_images
-from xrayfm.tasks.evaluate import pooled_features
+from xrayfm.tasks.evaluate import knn_region_monitor
 
 
 def main() -> None:
@@ -42,9 +41,6 @@ def main() -> None:
     arch = sys.argv[5] if len(sys.argv) > 5 else "vit_tiny_patch16"
     tr, _ = load_labeled_images(lake, labels, "train")
     va, _ = load_labeled_images(lake, labels, "val")
-    ytr = torch.tensor([i.region_index for i in tr])
-    yva = torch.tensor([i.region_index for i in va])
-    nc = int(max(ytr.max(), yva.max())) + 1
     imgs = [F.interpolate(torch.from_numpy(i.image)[None, None].float(), size=(int(size * 1.5),) * 2,
                           mode="area")[0] for i in tr]
 
@@ -55,19 +51,14 @@ def main() -> None:
         def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
             return {"image": imgs[i]}
 
-    def knn_stats(bb: torch.nn.Module) -> dict[str, float]:
-        with torch.no_grad():
-            ftr, fva = pooled_features(bb, tr, size), pooled_features(bb, va, size)
-        hit = (knn_scores(ftr, ytr, fva, nc).argmax(1) == yva).float()
-        balanced = torch.stack([hit[yva == c].mean() for c in yva.unique()]).mean()
-        return {"knn": round(hit.mean().item(), 3), "knn_balanced": round(balanced.item(), 3)}
+    knn_stats = knn_region_monitor(tr, va, size)
 
     def knn(bb: torch.nn.Module) -> str:
         r = knn_stats(bb)
-        return f"{r['knn']:.3f} (balanced {r['knn_balanced']:.3f})"
+        return f"{r['knn_accuracy']:.3f} (balanced {r['knn_balanced_accuracy']:.3f})"
 
     torch.manual_seed(0)
-    print(f"n_train={len(tr)} n_val={len(va)} classes={nc}; "
+    print(f"n_train={len(tr)} n_val={len(va)}; "
           f"{arch} random-init knn={knn(create_backbone(arch, img_size=size))}", flush=True)
     base: dict[str, Any] = {"arch": arch, "epochs": 6, "batch_size": 32, "global_size": size,
                             "local_size": size // 2, "n_local": 4, "out_dim": 1024, "num_workers": 0,
@@ -86,7 +77,7 @@ def main() -> None:
         trainer.fit()
         recs = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
         mon = [json.loads(line) for line in Path(out, "monitor.jsonl").read_text().splitlines()]
-        print(f"{name}: balanced kNN per epoch {[m['knn_balanced'] for m in mon]}", flush=True)
+        print(f"{name}: balanced kNN per epoch {[m['knn_balanced_accuracy'] for m in mon]}", flush=True)
         h = [round(r["teacher_entropy"], 2) for r in recs]
         print(f"{name}: {over} augment={aug} | H {h[::max(1, len(h) // 8)]} final H={h[-1]:.2f} "
               f"Hb={recs[-1]['teacher_batch_entropy']:.2f} loss={recs[-1]['loss']:.2f} | "

@@ -34,7 +34,7 @@ SECTIONS = (
 # (column title, section, key, format)
 COLUMNS = (
     ("accuracy", "classification", "accuracy", "{:.3f}"),
-    ("balanced acc", "classification", "recall_macro", "{:.3f}"),
+    ("macro recall", "classification", "recall_macro", "{:.3f}"),
     ("top-3 acc", "classification", "top3_accuracy", "{:.3f}"),
     ("macro F1", "classification", "f1_macro", "{:.3f}"),
     ("kNN acc", "classification", "knn_accuracy", "{:.3f}"),
