@@ -129,38 +129,32 @@ def plan(out: Path, p: Profile, seed: int) -> list[Stage]:
          str(backbones[f"random_{p.archs[0]}"]), "--max-steps", "0", "--global-size", str(p.global_size),
          "--batch-size", str(p.batch_size), "--num-workers", "1", "--seed", str(seed)],
         backbones[f"random_{p.archs[0]}"] / "model_card.json"))
+    data = ["--lake", str(lake), "--labels", str(labels)]
+
+    def head_stage(title: str, run: Path, task: str, head: Path, *extra: str) -> Stage:
+        return Stage(title, ["heads", "train", "--backbone", str(run), "--task", task, *data, "--out", str(head),
+                             "--img-size", str(p.head_img_size), "--epochs", str(p.head_epochs), "--seed",
+                             str(seed), *extra], head / "run.json")
+
+    def evaluate_stage(title: str, run: Path, heads: list[Path], doc: Path, *extra: str) -> Stage:
+        return Stage(title, ["evaluate", "--backbone", str(run), *[a for h in heads for a in ("--heads", str(h))],
+                             *data, "--split", "test", "--out", str(doc), *extra], doc)
+
     for name, run in backbones.items():
-        for task in TASKS:
-            head = out / "heads" / name / task
-            stages.append(Stage(
-                f"{task} head on frozen {name}",
-                ["heads", "train", "--backbone", str(run), "--task", task, "--lake", str(lake), "--labels",
-                 str(labels), "--out", str(head), "--img-size", str(p.head_img_size), "--epochs",
-                 str(p.head_epochs), "--seed", str(seed)],
-                head / "run.json"))
-        heads = [a for task in TASKS for a in ("--heads", str(out / "heads" / name / task))]
-        stages.append(Stage(
-            f"evaluate {name} on the test split",
-            ["evaluate", "--backbone", str(run), *heads, "--lake", str(lake), "--labels", str(labels),
-             "--split", "test", "--out", str(out / "metrics" / f"{name}.json"), "--classical"],
-            out / "metrics" / f"{name}.json"))
+        heads = [out / "heads" / name / task for task in TASKS]
+        stages += [head_stage(f"{task} head on frozen {name}", run, task, head) for task, head in zip(TASKS, heads)]
+        stages.append(evaluate_stage(f"evaluate {name} on the test split", run, heads,
+                                     out / "metrics" / f"{name}.json", "--classical"))
     best = p.archs[0]
     curves: list[tuple[str, Path]] = []
     for name in (best, f"random_{best}"):
         for frac in p.label_fractions:
             head = out / "heads" / name / f"classify_f{frac}"
             doc = out / "metrics" / f"{name}_f{frac}.json"
-            stages.append(Stage(
-                f"classify head on frozen {name} with {frac:.0%} of the labels",
-                ["heads", "train", "--backbone", str(backbones[name]), "--task", "classify", "--lake", str(lake),
-                 "--labels", str(labels), "--out", str(head), "--img-size", str(p.head_img_size), "--epochs",
-                 str(p.head_epochs), "--seed", str(seed), "--label-fraction", str(frac)],
-                head / "run.json"))
-            stages.append(Stage(
-                f"evaluate it on the test split ({name}, {frac:.0%} labels)",
-                ["evaluate", "--backbone", str(backbones[name]), "--heads", str(head), "--lake", str(lake),
-                 "--labels", str(labels), "--split", "test", "--out", str(doc)],
-                doc))
+            stages.append(head_stage(f"classify head on frozen {name} with {frac:.0%} of the labels",
+                                     backbones[name], "classify", head, "--label-fraction", str(frac)))
+            stages.append(evaluate_stage(f"evaluate it on the test split ({name}, {frac:.0%} labels)",
+                                         backbones[name], [head], doc))
             curves.append((name, doc))
     bundle, bundled = out / "bundle", p.bundle_arch
     stages.append(Stage(
