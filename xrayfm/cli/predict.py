@@ -23,6 +23,7 @@ class PredictConfig:
     batch_size: int = 8
     overlay: bool = True
     dicom_seg: bool = False
+    dicom_sr: bool = False
     bundle: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,6 +86,12 @@ def predict_cmd(
             "--dicom-seg", help="Also write the metal mask as DICOM SEG (single-frame DICOM inputs)."
         ),
     ] = False,
+    dicom_sr: Annotated[
+        bool,
+        typer.Option(
+            "--dicom-sr", help="Also write the findings as a DICOM SR per frame of DICOM inputs (TID 1500)."
+        ),
+    ] = False,
 ) -> None:
     """Run a model bundle on images: top-3 regions, metal mask (PNG + RLE) and screws per frame.
 
@@ -107,7 +114,7 @@ def predict_cmd(
     except FileNotFoundError as exc:
         raise UserError(str(exc)) from exc
     cfg = PredictConfig(
-        str(model), len(files), every, max_frames, batch_size, overlay, dicom_seg, bundle.card()
+        str(model), len(files), every, max_frames, batch_size, overlay, dicom_seg, dicom_sr, bundle.card()
     )
     out.mkdir(parents=True, exist_ok=True)
     # Input paths may name patients: record the verb only, not the command line.
@@ -129,6 +136,7 @@ def predict_cmd(
             FrameSampling(every, max_frames),
             overlay,
             dicom_seg,
+            dicom_sr,
             on_error=error,
             on_note=note,
             on_file=lambda: bar.advance(task),

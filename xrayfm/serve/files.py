@@ -68,6 +68,7 @@ class FilePredictor:
     sampling: FrameSampling = field(default_factory=FrameSampling)
     overlay: bool = True
     dicom_seg: bool = False
+    dicom_sr: bool = False
     on_error: Callable[[DecodeError], None] = lambda exc: None
     on_note: Callable[[str], None] = lambda msg: None
     on_file: Callable[[], None] = lambda: None
@@ -124,16 +125,35 @@ class FilePredictor:
                 rec["dicom_seg"] = self._write_seg(state.path, f"{tag}_seg.dcm", res["metal_mask"])
             elif not state.records:  # say it once per file
                 self.on_note(f"no DICOM SEG for {state.path.name}: multi-frame sources are not supported")
+        if self.dicom_sr and frame.meta.get("transfer_syntax_uid"):
+            seg = self.out / rec["dicom_seg"] if rec.get("dicom_seg") else None
+            rec["dicom_sr"] = self._write_sr(state.path, f"{tag}_sr.dcm", res, seg, frame.frame_index)
         return rec
 
     def _write_seg(self, source: Path, filename: str, mask: Any) -> str | None:
         from xrayfm.serve.dicom_seg import metal_segmentation_bytes
 
-        card = self.bundle.card()
+        arch = str(self.bundle.card()["arch"])
+        return self._write_dicom(
+            "SEG", source, filename, lambda: metal_segmentation_bytes(source, mask, arch, _version())
+        )
+
+    def _write_sr(
+        self, source: Path, filename: str, res: dict[str, Any], seg: Path | None, index: int
+    ) -> str | None:
+        from xrayfm.serve.dicom_sr import findings_sr_bytes
+
+        arch = str(self.bundle.card()["arch"])
+        return self._write_dicom(
+            "SR", source, filename, lambda: findings_sr_bytes(source, res, arch, _version(), seg, index)
+        )
+
+    def _write_dicom(self, kind: str, source: Path, filename: str, encode: Callable[[], bytes]) -> str | None:
+        """Write ``encode()`` to ``filename``; a source it refuses gives one note and ``None``."""
         try:
-            blob = metal_segmentation_bytes(source, mask, str(card["arch"]), _version())
+            blob = encode()
         except ValueError as exc:
-            self.on_note(f"no DICOM SEG for {source.name}: {exc}")
+            self.on_note(f"no DICOM {kind} for {source.name}: {exc}")
             return None
         atomic_write_bytes(self.out / filename, blob)
         return filename
