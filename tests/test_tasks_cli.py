@@ -111,7 +111,7 @@ def test_pretrain_logs_knn_region_accuracy_each_epoch(world: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["pretrain", "--lake", str(world / "lake"), "--out", str(out), "--arch", "resnet18", "--epochs", "2",
               "--batch-size", "4", "--global-size", "32", "--local-size", "16", "--n-local", "1",
-              "--out-dim", "32", "--num-workers", "0", "--precision", "fp32", "--knn-labels", str(world / "synth")])
+              "--out-dim", "32", "--num-workers", "0", "--precision", "bf16", "--knn-labels", str(world / "synth")])
     assert exc.value.code == 0
     records = [json.loads(line) for line in (out / "monitor.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]

@@ -32,6 +32,7 @@ from xrayfm.ssl import dino as _dino  # noqa: F401  (registers the "dino" method
 from xrayfm.ssl.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from xrayfm.ssl.config import PretrainConfig
 from xrayfm.ssl.multicrop import EpochSampler, MultiCropIterableDataset, MultiCropMapDataset
+from xrayfm.ssl.numerics import NonFiniteGuard, check_state_finite, grads_finite, guard_tiny_strided_convs
 from xrayfm.ssl.registry import Progress, SSLMethod, build_method
 from xrayfm.ssl.schedules import warmup_cosine
 
@@ -124,6 +125,8 @@ class Trainer:
         self.rank, self.world, self.device = setup_distributed()
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.method: SSLMethod = build_method(cfg).to(self.device)
+        guard_tiny_strided_convs(self.method)  # CPU bf16 weight gradients of tiny maps (issue #4)
+        self.nonfinite = NonFiniteGuard()
         is_cnn = isinstance(self.method.trained_backbone(), ResNetBackbone)
         if self.world > 1 and is_cnn and self.device.type == "cuda":
             self.method.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.method.student)
@@ -224,6 +227,7 @@ class Trainer:
         return self.step
 
     def _save(self) -> None:
+        check_state_finite(self.method.state_dict(), self.step)
         states = [rng_state()]
         if self.world > 1:
             states = [None] * self.world
@@ -275,13 +279,16 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.method.student.parameters(), self.cfg.clip_grad, foreach=True)
         self.method.after_backward(progress)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.method.update_teacher(momentum)
+        # fp16's GradScaler skips inf steps by design (and lowers its scale); elsewhere we skip them
+        if self.scaler.is_enabled() or self.nonfinite.check(grads_finite(self.method.student.parameters()),
+                                                            self.step):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.method.update_teacher(momentum)
         self.step += 1
         self.step_in_epoch += 1
         return {"loss": loss.item(), "lr": lr, "wd": wd, "momentum": momentum,
-                **{k: float(v) for k, v in stats.items()}}
+                "skipped_steps": float(self.nonfinite.skipped), **{k: float(v) for k, v in stats.items()}}
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainSummary:
