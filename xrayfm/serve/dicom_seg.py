@@ -20,6 +20,15 @@ import numpy as np
 METAL_CODE = ("425620007", "SCT", "Metal")
 
 
+def derived_object_kwargs(model_name: str, version: str, series_number: int) -> dict[str, object]:
+    """Identity of a new DICOM object xrayfm derives from a source image (fresh series/instance UIDs)."""
+    import highdicom as hd
+
+    return {"series_instance_uid": hd.UID(), "series_number": series_number, "sop_instance_uid": hd.UID(),
+            "instance_number": 1, "manufacturer": "xrayfm", "manufacturer_model_name": model_name[:64],
+            "software_versions": version, "device_serial_number": "0"}
+
+
 def metal_segmentation_bytes(source: str | Path, mask: np.ndarray, model_name: str, version: str) -> bytes:
     """Encoded DICOM SEG of ``mask`` (bool (Rows, Columns)) for the single-frame DICOM ``source``."""
     import highdicom as hd
@@ -54,14 +63,7 @@ def metal_segmentation_bytes(source: str | Path, mask: np.ndarray, model_name: s
             pixel_array=mask[None].astype(bool),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[segment],
-            series_instance_uid=hd.UID(),
-            series_number=9001,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="xrayfm",
-            manufacturer_model_name=model_name[:64],
-            software_versions=version,
-            device_serial_number="0",
+            **derived_object_kwargs(model_name, version, series_number=9001),
             content_label="METAL",
             content_description="xrayfm predicted metal mask",
             omit_empty_frames=False,

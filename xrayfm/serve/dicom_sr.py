@@ -93,6 +93,7 @@ def findings_sr_bytes(
     import pydicom
 
     from xrayfm.io.dicom_meta import pixel_spacing
+    from xrayfm.serve.dicom_seg import derived_object_kwargs
 
     ds = pydicom.dcmread(source, stop_before_pixels=True)
     name = Path(source).name
@@ -154,14 +155,7 @@ def findings_sr_bytes(
         sr = hd.sr.ComprehensiveSR(
             evidence=evidence,
             content=report,
-            series_instance_uid=hd.UID(),
-            series_number=9002,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="xrayfm",
-            manufacturer_model_name=model_name[:64],
-            software_versions=version,
-            device_serial_number="0",
+            **derived_object_kwargs(model_name, version, series_number=9002),
             is_complete=True,
             series_description="xrayfm findings",
         )
