@@ -41,7 +41,7 @@ class Profile:
     head_epochs: int
     archs: tuple[str, ...] = ("vit_tiny_patch16", "resnet18")
     reference_recipe: bool = False  # True: DINO's reference schedules instead of the small-data one
-    label_fractions: tuple[float, ...] = (0.1, 0.3)  # extra classify heads: the label-efficiency curve
+    label_fractions: tuple[float, ...] = (0.01, 0.1, 0.3)  # extra classify heads: the label-efficiency curve
     # bundled for predict/serve and the report's sample figures; on CPU-sized runs the ResNet's
     # multi-scale features carry segmentation and screws (docs/demo.md), the ViT gives attention maps
     bundle_arch: str = "resnet18"

@@ -1,0 +1,108 @@
+"""Label efficiency of the frozen-backbone heads: test metrics at several label fractions, per backbone.
+
+For every backbone (a pretrain run / exported bundle, or ``random:ARCH`` for a random-init one),
+every task and every label fraction, a head is trained on the feature cache of that fraction of
+the lake's labelled train split and scored on its test split. Heads get about the same number of
+optimiser steps at every fraction (``--steps``; epochs = steps / batches per epoch, clamped to
+``--min-epochs``..``--max-epochs``), so small fractions are not also short of training.
+
+Segmentation and detection subsets are drawn at random over all labelled images (images without
+metal or screws are labelled too: their targets are empty); classification subsets are
+stratified by body region.
+
+    .venv/bin/python benchmarks/label_efficiency.py --lake LAKE --labels SYNTH_RUN \
+        --backbone dino=runs/resnet18 --backbone random:resnet18 [--fractions 0.01,0.1,1]
+        [--tasks classify,segment,detect] [--img-size 128] [--steps 300] [--threads 2]
+        [--out benchmarks/results/label_efficiency.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xrayfm.config import atomic_write_text, versions
+from xrayfm.models import create_backbone, load_backbone
+from xrayfm.tasks.base import get_task
+from xrayfm.tasks.data import label_subset, load_labeled_images
+from xrayfm.tasks.train import HeadTrainConfig, predict_items, train_head
+
+RESULTS = Path(__file__).resolve().parent / "results" / "label_efficiency.json"
+KEYS = {"classify": ("accuracy", "recall_macro", "top3_accuracy"),
+        "segment": ("dice_mean", "dice_positive_mean", "iou_mean", "empty_fp_rate"),
+        "detect": ("precision", "recall", "ap", "head_error_px", "tip_error_px", "angle_error_deg")}
+
+
+def _backbone(spec: str) -> tuple[str, torch.nn.Module]:
+    """``NAME=PATH`` (pretrained) or ``random:ARCH``; returns (label, backbone)."""
+    if spec.startswith("random:"):
+        torch.manual_seed(0)
+        return spec, create_backbone(spec.split(":", 1)[1])
+    name, _, path = spec.partition("=")
+    return (name if path else Path(spec).name), load_backbone(path or spec)[0]
+
+
+def _epochs(n_items: int, batch: int, steps: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, math.ceil(steps / max(1, math.ceil(n_items / batch)))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lake", required=True)
+    ap.add_argument("--labels", required=True)
+    ap.add_argument("--backbone", action="append", required=True)
+    ap.add_argument("--fractions", default="0.01,0.1,1")
+    ap.add_argument("--tasks", default="classify,segment,detect")
+    ap.add_argument("--img-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--min-epochs", type=int, default=5)
+    ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    tasks = args.tasks.split(",")
+    train, _ = load_labeled_images(args.lake, args.labels, "train")
+    test, _ = load_labeled_images(args.lake, args.labels, "test")
+    if not train or not test:
+        raise SystemExit(f"{args.lake}: needs labelled train and test images (got {len(train)} / {len(test)})")
+    rows: list[dict[str, Any]] = []
+    for spec in args.backbone:
+        label, bb = _backbone(spec)
+        for task_name in tasks:
+            task = get_task(task_name)
+            for frac in fractions:
+                key = "region_index" if task_name == "classify" else None
+                n_items = len(label_subset([it for it in train if task.has_label(it)], frac, args.seed, key))
+                epochs = _epochs(n_items, args.batch_size, args.steps, args.min_epochs, args.max_epochs)
+                lr = 3e-3 if task_name == "segment" else 1e-2
+                cfg = HeadTrainConfig(task=task_name, img_size=args.img_size, epochs=epochs,
+                                      batch_size=args.batch_size, lr=lr, label_fraction=frac, seed=args.seed)
+                t0 = time.perf_counter()
+                head, _ = train_head(bb, train, cfg)
+                train_s = time.perf_counter() - t0
+                m = task.metrics(predict_items(bb, head, task, test, args.img_size), test)
+                row = {"backbone": label, "task": task_name, "fraction": frac, "n_train": n_items,
+                       "epochs": epochs, "train_s": round(train_s, 1),
+                       **{k: (round(m[k], 4) if isinstance(m[k], float) else m[k]) for k in KEYS[task_name]}}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    result = {"lake": args.lake, "n_train": len(train), "n_test": len(test), "img_size": args.img_size,
+              "steps": args.steps, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
+              "versions": versions(), "rows": rows}
+    atomic_write_text(args.out, json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
