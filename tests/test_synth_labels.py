@@ -73,7 +73,7 @@ def test_labels_round_trip(tmp_path: Path) -> None:
 
     cols = pq.read_table(path).column_names
     assert cols == ["pixel_hash", "region", "region_index", "height", "width", "pixel_spacing_mm", "mask_png",
-                    "screws", "view", "source"]
+                    "screws", "view", "source", "vertebrae_png"]
     assert "patient_name" not in cols
 
 

@@ -14,7 +14,8 @@ import typer
 
 from xrayfm.cli import UserError, app
 
-heads_app = typer.Typer(help="Train task heads (classify, segment, detect) on a frozen or fine-tuned backbone.",
+heads_app = typer.Typer(help="Train task heads (classify, segment, segment_vertebrae, detect) on a frozen or "
+                        "fine-tuned backbone.",
                         no_args_is_help=True)
 app.add_typer(heads_app, name="heads")
 
@@ -78,7 +79,7 @@ def _json_safe(x: Any) -> Any:
 @heads_app.command("train")
 def train_cmd(
     backbone: BackboneOpt,
-    task: Annotated[str, _Opt(help="classify, segment or detect.")],
+    task: Annotated[str, _Opt(help="classify, segment (metal), segment_vertebrae or detect.")],
     lake: LakeOpt,
     labels: LabelsOpt,
     out: Annotated[Path, _Opt(help="Head bundle folder to write.")],
@@ -142,7 +143,7 @@ def train_cmd(
                                                          "n_val": len(val), "history": history})
     except _user_errors() as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
-    key = {"classify": "accuracy", "segment": "dice_mean", "detect": "ap"}[cfg.task]
+    key = {"classify": "accuracy", "detect": "ap"}.get(cfg.task, "dice_mean")
     shown = f"val {key} {val_metrics[key]:.4f}" if val_metrics.get(key) is not None else "no val split"
     print(f"trained {cfg.task} head {cfg.head or htask.default_head} on {n_used} images in "
           f"{time.time() - t0:.0f} s, final loss {history[-1]['loss']:.4f}, {shown} -> {out}")
@@ -179,7 +180,8 @@ def evaluate_cmd(
     except _user_errors() as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
     parts = []
-    for section, key in (("classification", "accuracy"), ("segmentation", "dice_mean"), ("detection", "ap")):
+    for section, key in (("classification", "accuracy"), ("segmentation", "dice_mean"),
+                         ("vertebrae_segmentation", "dice_mean"), ("detection", "ap")):
         if section in doc and doc[section].get(key) is not None:
             parts.append(f"{section} {key} {doc[section][key]:.4f}")
     print(f"evaluated {len(heads)} head(s) on {len(items)} {split} images: {', '.join(parts)} -> {out}")

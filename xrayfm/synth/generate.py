@@ -27,7 +27,7 @@ from xrayfm.synth.geometry import View, projection_matrix
 from xrayfm.synth.labels import SynthLabel, decode_mask, encode_mask, write_labels
 from xrayfm.synth.regions import REGIONS, region_index
 from xrayfm.synth.render import PreparedVolume, prepare_volume
-from xrayfm.synth.scene import Scene, render_scene, view_region
+from xrayfm.synth.scene import Scene, render_scene, vertebra_volume, view_region
 from xrayfm.synth.views import plausible_view, random_exposure
 
 
@@ -76,6 +76,7 @@ class _Base:
     default_region: str
     source: str
     regions: tuple[str, ...] = ()          # regions the CT's views show (balanced sampling draws from these)
+    vertebra_volume: PreparedVolume | None = None  # vertebra occupancy for the vertebra masks
 
 
 _BASE: _Base | None = None
@@ -97,8 +98,9 @@ def prepare_base(cfg: SynthConfig, vol: CTVolume) -> _Base:
                          "or --labels PATH")
     default = cfg.region or "thorax"
     region_index(default)
-    base = _Base(volume=prepare_volume(vol, voxel_mm=cfg.voxel_mm), vertebrae=find_vertebrae(vol),
-                 group_points=group_points(vol, seed=cfg.seed), default_region=default, source=vol.name)
+    pv = prepare_volume(vol, voxel_mm=cfg.voxel_mm)
+    base = _Base(volume=pv, vertebrae=find_vertebrae(vol), group_points=group_points(vol, seed=cfg.seed),
+                 default_region=default, source=vol.name, vertebra_volume=vertebra_volume(vol, pv))
     base.regions = shown_regions(base, cfg)
     return base
 
@@ -145,8 +147,9 @@ def build_scene(base: _Base, cfg: SynthConfig, patient: int) -> Scene:
         if plate is not None:
             implants.append(plate)
     pts = {g: _move(t, p) for g, p in base.group_points.items()}
+    bone = base.vertebra_volume.transformed(t) if base.vertebra_volume is not None else None
     return Scene(volume=vol, group_points=pts, implants=implants,
-                 default_region=base.default_region, vertebrae=verts)
+                 default_region=base.default_region, vertebrae=verts, vertebra_volume=bone)
 
 
 # Structure groups (xrayfm.synth.anatomy.GROUPS) a view of each region is aimed at.
@@ -219,7 +222,7 @@ def render_image(base: _Base, cfg: SynthConfig, index: int, scene: Scene) -> tup
               "instance": instance, "implants": [imp.kind for imp in scene.implants]}
     label = SynthLabel(pixel_hash=pixel_hash(pixels), region=r.region, height=cfg.size, width=cfg.size,
                        pixel_spacing_mm=view.iso_pixel_mm, mask=r.mask, screws=r.screws, view=record,
-                       source=base.source)
+                       source=base.source, vertebra_mask=r.vertebra_mask)
     return pixels, label, {"view": view, "exposure": exposure}
 
 
@@ -233,7 +236,9 @@ def _write_image(base: _Base, cfg: SynthConfig, index: int, scene: Scene) -> Non
     part = {"pixel_hash": label.pixel_hash, "region": label.region, "height": label.height,
             "width": label.width, "pixel_spacing_mm": label.pixel_spacing_mm,
             "mask_png": base64.b64encode(encode_mask(label.mask)).decode(), "screws": label.screws,
-            "view": label.view, "source": label.source}
+            "view": label.view, "source": label.source,
+            "vertebrae_png": None if label.vertebra_mask is None
+            else base64.b64encode(encode_mask(label.vertebra_mask)).decode()}
     atomic_write_text(part_path, json.dumps(part))
 
 
@@ -316,8 +321,10 @@ def collect_parts(out: Path, n: int) -> list[SynthLabel]:
     labels = []
     for i in range(n):
         part = json.loads((out / ".parts" / f"{i:06d}.json").read_text())
+        vert = part.get("vertebrae_png")  # parts written before vertebra masks existed have none
         labels.append(SynthLabel(pixel_hash=part["pixel_hash"], region=part["region"], height=part["height"],
                                  width=part["width"], pixel_spacing_mm=part["pixel_spacing_mm"],
                                  mask=decode_mask(base64.b64decode(part["mask_png"])), screws=part["screws"],
-                                 view=part["view"], source=part["source"]))
+                                 view=part["view"], source=part["source"],
+                                 vertebra_mask=None if vert is None else decode_mask(base64.b64decode(vert))))
     return labels

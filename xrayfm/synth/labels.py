@@ -2,7 +2,9 @@
 
 Columns: pixel_hash, region, region_index, height, width, pixel_spacing_mm, mask_png (8-bit PNG,
 255 = the pixel's ray meets metal), screws (JSON list of {head, tip, box, visible, end_on,
-angle_deg, length_px, material}), view (JSON), source. Points/boxes follow xrayfm.conventions.
+angle_deg, length_px, material}), view (JSON), source, vertebrae_png (PNG like mask_png, 255 =
+the ray runs >= 2 mm through vertebrae; null without vertebra labels, and files written before it
+existed lack the column). Points/boxes follow xrayfm.conventions.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class SynthLabel:
     screws: list[dict[str, Any]] = field(default_factory=list)
     view: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    vertebra_mask: np.ndarray | None = None  # bool (H, W); None = the CT has no vertebra labels
 
     @property
     def region_index(self) -> int:
@@ -68,6 +71,8 @@ def label_rows(labels: list[SynthLabel]) -> dict[str, list]:
         "screws": [json.dumps(lb.screws) for lb in labels],
         "view": [json.dumps(lb.view) for lb in labels],
         "source": [lb.source for lb in labels],
+        "vertebrae_png": [None if lb.vertebra_mask is None else encode_mask(lb.vertebra_mask)
+                          for lb in labels],
     }
 
 
@@ -79,7 +84,7 @@ def write_labels(path: str | Path, labels: list[SynthLabel]) -> None:
     schema = pa.schema([("pixel_hash", pa.string()), ("region", pa.string()), ("region_index", pa.int32()),
                         ("height", pa.int32()), ("width", pa.int32()), ("pixel_spacing_mm", pa.float64()),
                         ("mask_png", pa.binary()), ("screws", pa.string()), ("view", pa.string()),
-                        ("source", pa.string())])
+                        ("source", pa.string()), ("vertebrae_png", pa.binary())])
     table = pa.table(label_rows(labels), schema=schema)
     buf = pa.BufferOutputStream()
     pq.write_table(table, buf)
@@ -102,5 +107,7 @@ def read_labels(path: str | Path) -> list[SynthLabel]:
         out.append(SynthLabel(pixel_hash=row["pixel_hash"], region=row["region"], height=row["height"],
                               width=row["width"], pixel_spacing_mm=row["pixel_spacing_mm"],
                               mask=decode_mask(row["mask_png"]), screws=json.loads(row["screws"]),
-                              view=json.loads(row["view"]), source=row["source"]))
+                              view=json.loads(row["view"]), source=row["source"],
+                              vertebra_mask=None if row.get("vertebrae_png") is None
+                              else decode_mask(row["vertebrae_png"])))
     return out

@@ -7,15 +7,20 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
 
-from xrayfm.synth.anatomy import Vertebra
+from xrayfm.io.volume import CTVolume
+from xrayfm.synth.anatomy import Vertebra, label_names
 from xrayfm.synth.geometry import View, collimator_mask, field_mask, pixel_rays, project, projection_matrix
 from xrayfm.synth.implants import Implant
 from xrayfm.synth.physics import Exposure, expose
 from xrayfm.synth.regions import classify_region, field_coverage
-from xrayfm.synth.render import PreparedVolume, line_integrals, truncated_rays
+from xrayfm.synth.render import PreparedVolume, _box_corners, line_integrals, truncated_rays
 
 END_ON_PX_AT_256 = 12.0
+VERTEBRA_MIN_PATH_MM = 2.0  # a pixel is vertebra when its ray runs this far through vertebra voxels
 
 
 @dataclass
@@ -27,6 +32,7 @@ class Scene:
     implants: list[Implant] = field(default_factory=list)
     default_region: str = "thorax"
     vertebrae: list[Vertebra] = field(default_factory=list)
+    vertebra_volume: PreparedVolume | None = None  # vertebra occupancy (see vertebra_volume())
 
 
 @dataclass
@@ -36,6 +42,42 @@ class Rendered:
     screws: list[dict]
     region: str
     coverage: dict[str, float]
+    vertebra_mask: np.ndarray | None = None  # bool (H, W): ray runs > 2 mm through vertebrae; None: no labels
+
+
+def vertebra_volume(vol: CTVolume, pv: PreparedVolume) -> PreparedVolume | None:
+    """Vertebra occupancy on ``pv``'s grid, cropped to the vertebrae; None without vertebra labels.
+
+    Each voxel holds the fraction of its source voxels labelled ``vertebrae_*`` (block mean like
+    :func:`~xrayfm.synth.render.prepare_volume`), so the line integral of this volume is the
+    path length (mm) of a ray through vertebrae. ``pv`` must be ``prepare_volume(vol)``, unmoved.
+    """
+    if vol.labels is None:
+        return None
+    ids = [lid for lid, name in label_names(vol).items() if name.startswith("vertebrae_")]
+    occ = np.isin(vol.labels, ids)
+    box = ndimage.find_objects(occ.astype(np.uint8))
+    if not box:
+        return None
+    scale = np.linalg.norm(pv.affine[:3, :3], axis=0) / np.linalg.norm(vol.affine[:3, :3], axis=0)
+    f = np.round(scale).astype(int)  # pv's pooling factor per axis
+    # crop on whole pooling blocks so the pooled crop is a sub-grid of pv's grid
+    start = np.array([sl.start for sl in box[0]]) // f * f
+    stop = np.minimum(-(-np.array([sl.stop for sl in box[0]]) // f) * f, occ.shape)
+    block = occ[tuple(slice(a, b) for a, b in zip(start, stop))].astype(np.float32)
+    crop = torch.from_numpy(block)[None, None]
+    if (f > 1).any():
+        crop = F.avg_pool3d(crop, kernel_size=tuple(f), stride=tuple(f), ceil_mode=True,
+                            count_include_pad=False)
+    frac = np.ascontiguousarray(crop[0, 0].numpy())
+    shift = np.eye(4)
+    shift[:3, 3] = start // f
+    affine = pv.affine @ shift
+    lo_idx, hi_idx = np.full(3, -0.5), np.array(frac.shape) - 0.5
+    corners = (np.hstack([_box_corners(lo_idx, hi_idx), np.ones((8, 1))]) @ affine.T)[:, :3]
+    return PreparedVolume(mu=frac, affine=affine, body_lo=corners.min(0), body_hi=corners.max(0),
+                          z_lo=pv.z_lo, z_hi=pv.z_hi, name=f"{pv.name} vertebrae", body_idx_lo=lo_idx,
+                          body_idx_hi=hi_idx)
 
 
 def metal_integrals(implants: list[Implant], view: View, ss: int = 2) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -103,7 +145,8 @@ def fill_truncated(line_int: np.ndarray, truncated: np.ndarray) -> np.ndarray:
 
 def render_scene(scene: Scene, view: View, exposure: Exposure, rng: np.random.Generator) -> Rendered:
     """Render ``scene`` through ``view``: tissue + metal line integrals, detection, labels."""
-    tissue = fill_truncated(line_integrals(scene.volume, view), truncated_rays(scene.volume, view))
+    truncated = truncated_rays(scene.volume, view)
+    tissue = fill_truncated(line_integrals(scene.volume, view), truncated)
     metal, paths = metal_integrals(scene.implants, view)
     fld = field_mask(view)
     beam = collimator_mask(view)
@@ -114,7 +157,13 @@ def render_scene(scene: Scene, view: View, exposure: Exposure, rng: np.random.Ge
     screws = [screw_label(imp, path, view, exposed) for imp, path in zip(scene.implants, paths)
               if imp.kind == "screw"]
     region, coverage = view_region(scene, view, exposed)
-    return Rendered(image=image, mask=mask, screws=screws, region=region, coverage=coverage)
+    vertebra_mask = None
+    if scene.vertebra_volume is not None:
+        # truncated rays show a smooth fill, not the CT's bone, so they are not labelled vertebra
+        path_mm = line_integrals(scene.vertebra_volume, view)
+        vertebra_mask = (path_mm > VERTEBRA_MIN_PATH_MM) & in_field & ~truncated
+    return Rendered(image=image, mask=mask, screws=screws, region=region, coverage=coverage,
+                    vertebra_mask=vertebra_mask)
 
 
 def view_region(scene: Scene, view: View, exposed: np.ndarray | None = None) -> tuple[str, dict[str, float]]:

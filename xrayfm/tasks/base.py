@@ -24,6 +24,11 @@ class HeadTask:
     def __init__(self, num_classes: int | None = None) -> None:
         self.num_classes = num_classes
 
+    @property
+    def head_task(self) -> str:
+        """Task the registered heads of this task are filed under (``name`` unless it shares heads)."""
+        return self.name
+
     def has_label(self, item: LabeledImage) -> bool:
         raise NotImplementedError
 

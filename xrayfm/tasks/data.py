@@ -2,8 +2,9 @@
 
 Heads work on square inputs of ``img_size`` px: an image is resized to ``(img_size, img_size)``
 (aspect not kept: no pixels are lost to padding) and every label follows the same map (points
-scaled per axis, masks by nearest neighbour). Predictions are mapped back to the original image
-before any metric is computed, so metrics are always in original lake-image pixels.
+scaled per axis, metal and vertebra masks by nearest neighbour). Predictions are mapped back to
+the original image before any metric is computed, so metrics are always in original lake-image
+pixels.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class LabeledImage:
     mask: np.ndarray | None = None          # bool (H, W), True = metal
     screws: list[dict[str, Any]] | None = None  # visible screws: head, tip, box, end_on, ...
     pixel_spacing_mm: float | None = None   # of this image
+    bone_mask: np.ndarray | None = None     # bool (H, W), True = the ray runs through vertebrae
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -63,12 +65,17 @@ def resize_item(item: LabeledImage, height: int, width: int | None = None) -> La
     sx, sy = width / w, height / h
     interp = cv2.INTER_AREA if sx < 1 and sy < 1 else cv2.INTER_LINEAR
     img = np.clip(cv2.resize(item.image, (width, height), interpolation=interp), 0.0, 1.0).astype(np.float32)
-    mask = None
-    if item.mask is not None:
-        mask = cv2.resize(item.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
     screws = None if item.screws is None else [scale_screw(s, sx, sy) for s in item.screws]
     spacing = None if item.pixel_spacing_mm is None else item.pixel_spacing_mm * (w / width)
-    return replace(item, image=img, mask=mask, screws=screws, pixel_spacing_mm=spacing)
+    return replace(item, image=img, mask=resize_mask(item.mask, height, width), screws=screws,
+                   pixel_spacing_mm=spacing, bone_mask=resize_mask(item.bone_mask, height, width))
+
+
+def resize_mask(mask: np.ndarray | None, height: int, width: int) -> np.ndarray | None:
+    """A bool mask resized to ``(height, width)`` by nearest neighbour (None stays None)."""
+    if mask is None or mask.shape == (height, width):
+        return mask
+    return cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
 
 
 def augment_item(item: LabeledImage, rng: np.random.Generator, min_scale: float = 0.7,
@@ -84,6 +91,7 @@ def augment_item(item: LabeledImage, rng: np.random.Generator, min_scale: float 
     y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
     img = item.image[y0:y0 + ch, x0:x0 + cw]
     mask = None if item.mask is None else item.mask[y0:y0 + ch, x0:x0 + cw]
+    bone = None if item.bone_mask is None else item.bone_mask[y0:y0 + ch, x0:x0 + cw]
     screws = None
     if item.screws is not None:
         screws = []
@@ -97,7 +105,8 @@ def augment_item(item: LabeledImage, rng: np.random.Generator, min_scale: float 
             cx, cy = (moved["head"][0] + moved["tip"][0]) / 2, (moved["head"][1] + moved["tip"][1]) / 2
             if 0 <= cx < cw and 0 <= cy < ch:
                 screws.append(moved)
-    out = resize_item(replace(item, image=np.ascontiguousarray(img), mask=mask, screws=screws), h, w)
+    cropped = replace(item, image=np.ascontiguousarray(img), mask=mask, screws=screws, bone_mask=bone)
+    out = resize_item(cropped, h, w)
     if flip and rng.random() < 0.5:
         out = hflip_item(out)
     return out
@@ -118,7 +127,9 @@ def hflip_item(item: LabeledImage) -> LabeledImage:
                 f["box"] = [w - x1, y0, w - x0, y1]
             screws.append(f)
     mask = None if item.mask is None else np.ascontiguousarray(item.mask[:, ::-1])
-    return replace(item, image=np.ascontiguousarray(item.image[:, ::-1]), mask=mask, screws=screws)
+    bone = None if item.bone_mask is None else np.ascontiguousarray(item.bone_mask[:, ::-1])
+    return replace(item, image=np.ascontiguousarray(item.image[:, ::-1]), mask=mask, screws=screws,
+                   bone_mask=bone)
 
 
 def images_tensor(items: list[LabeledImage]) -> torch.Tensor:
@@ -176,15 +187,14 @@ def load_labeled_images(lake: str, labels: str, split: str | None = None,
         img = check_image(from_uint16(decode_image(row["image"])), f"lake image {row['image_id']}")
         h, w = img.shape
         sx, sy = w / lab.width, h / lab.height
-        mask = lab.mask
-        if mask is not None and mask.shape != (h, w):
-            mask = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
         screws = [scale_screw(s, sx, sy) for s in lab.screws if s.get("visible", True) or not visible_only]
         spacing = row.get("pixel_spacing_mm")
         if spacing is None and lab.pixel_spacing_mm:
             spacing = float(lab.pixel_spacing_mm) / sx
+        view = json.loads(lab.view) if isinstance(lab.view, str) else lab.view
         items.append(LabeledImage(image=img, image_id=row["image_id"], split=row["split"],
-                                  region_index=int(lab.region_index), mask=mask, screws=screws,
-                                  pixel_spacing_mm=spacing, extra={"region": lab.region,
-                                                                   "view": json.loads(lab.view) if isinstance(lab.view, str) else lab.view}))
+                                  region_index=int(lab.region_index), mask=resize_mask(lab.mask, h, w),
+                                  screws=screws, pixel_spacing_mm=spacing,
+                                  bone_mask=resize_mask(lab.vertebra_mask, h, w),
+                                  extra={"region": lab.region, "view": view}))
     return items, len(table) - len(items)

@@ -6,6 +6,7 @@
      "classification": {"accuracy", "precision_macro", "recall_macro", "f1_macro", "top3_accuracy",
                         "confusion_matrix", "n", "knn_accuracy"?, "baselines"?},
      "segmentation": {"dice_mean", "iou_mean", "boundary_dice_mean", "n", ...},
+     "vertebrae_segmentation": {same keys as segmentation},
      "detection": {"precision", "recall", "ap", "head_error_px", "tip_error_px", "angle_error_deg",
                    "head_error_mm", "tip_error_mm", ...},
      "heads": {task: head bundle path}, "split": ..., "n_images": ...}
@@ -27,7 +28,8 @@ from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import LabeledImage, images_tensor, load_labeled_images, resize_item
 from xrayfm.tasks.train import load_head_bundle, predict_items
 
-SECTION = {"classify": "classification", "segment": "segmentation", "detect": "detection"}
+SECTION = {"classify": "classification", "segment": "segmentation",
+           "segment_vertebrae": "vertebrae_segmentation", "detect": "detection"}
 
 
 def _load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Metal segmentation: soft Dice + BCE on per-pixel logits; masks thresholded at p = 0.5."""
+"""Binary masks (metal, vertebrae): soft Dice + BCE on per-pixel logits; masks thresholded at p = 0.5."""
 
 from __future__ import annotations
 
@@ -37,8 +37,12 @@ class SegmentTask(HeadTask):
     default_head = "seg_decoder"
     input_kind = "dense"
 
+    def label_mask(self, item: LabeledImage) -> np.ndarray | None:
+        """The item's true mask for this task (None = unlabelled)."""
+        return item.mask
+
     def has_label(self, item: LabeledImage) -> bool:
-        return item.mask is not None
+        return self.label_mask(item) is not None
 
     def head_kwargs(self) -> dict[str, Any]:
         return {"num_classes": 1}
@@ -47,7 +51,7 @@ class SegmentTask(HeadTask):
         return head(feats, size=size)
 
     def targets(self, items: Sequence[LabeledImage]) -> dict[str, Tensor]:
-        masks = np.stack([it.mask for it in items]).astype(np.float32)  # type: ignore[misc]
+        masks = np.stack([self.label_mask(it) for it in items]).astype(np.float32)  # type: ignore[misc]
         return {"mask": torch.from_numpy(masks)[:, None]}
 
     def loss(self, out: Tensor, targets: dict[str, Tensor]) -> Tensor:
@@ -61,4 +65,15 @@ class SegmentTask(HeadTask):
         return preds
 
     def metrics(self, preds: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any]:
-        return segmentation_metrics(preds, [it.mask for it in items])
+        return segmentation_metrics(preds, [self.label_mask(it) for it in items])
+
+
+@register_task
+class SegmentVertebraeTask(SegmentTask):
+    """Binary vertebra mask (synth ``vertebrae_png``); same head family, loss and metrics as metal."""
+
+    name = "segment_vertebrae"
+    head_task = "segment"
+
+    def label_mask(self, item: LabeledImage) -> np.ndarray | None:
+        return item.bone_mask

@@ -120,7 +120,7 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
     head_kwargs = head_arguments(task, cfg)
     head = create_head(head_name, backbone.embed_dim, backbone.dense_channels, backbone.dense_strides,
                        **head_kwargs)
-    if head.task != task.name:  # type: ignore[attr-defined]
+    if head.task != task.head_task:  # type: ignore[attr-defined]
         raise ValueError(f"head {head_name!r} is for task {head.task!r}, not {task.name!r}")
     bb_params = set_trainable(backbone, cfg.unfreeze)
     groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": cfg.lr}]
