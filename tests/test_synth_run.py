@@ -2,39 +2,24 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from synth_world import phantom_ct_files
 
 from xrayfm.conventions import pixel_hash
 from xrayfm.synth.generate import SynthConfig, generate
 from xrayfm.synth.labels import read_labels
-from xrayfm.synth.phantom import make_phantom
 
 SHARED_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct"
 
 
-def _phantom_files(folder: Path) -> tuple[Path, Path]:
-    vol = make_phantom(voxel_mm=3.0)
-    ct, seg = folder / "phantom_ct.nii.gz", folder / "phantom_seg.nii.gz"
-    nib.save(nib.Nifti1Image(vol.hu, vol.affine), ct)
-    nib.save(nib.Nifti1Image(vol.labels, vol.affine), seg)
-    with (folder / "structures.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["group", "original_idx", "structure", "id"])
-        for lid, name in vol.label_names.items():
-            w.writerow(["x", lid, name, lid])
-    return ct, seg
-
-
 @pytest.fixture(scope="module")
 def ct_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _phantom_files(tmp_path_factory.mktemp("phantom"))
+    return phantom_ct_files(tmp_path_factory.mktemp("phantom"))
 
 
 def _cfg(out: Path, ct: Path, seg: Path, **kw: object) -> SynthConfig:

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import json
 from pathlib import Path
 
-import nibabel as nib
 import pyarrow.parquet as pq
 import pytest
-import torch
+from synth_world import heads_world
 
 from xrayfm.cli import main
 from xrayfm.lake import read_rows
-from xrayfm.lake.ingest import IngestConfig, ingest
-from xrayfm.models import create_backbone, export_backbone
-from xrayfm.synth.generate import SynthConfig, generate
-from xrayfm.synth.phantom import make_phantom
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,26 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synth run of 24 images, ingested into a lake, and a random-init resnet18 bundle."""
-    root = tmp_path_factory.mktemp("heads_cli")
-    vol = make_phantom(voxel_mm=3.0)
-    nib.save(nib.Nifti1Image(vol.hu, vol.affine), root / "ct.nii.gz")
-    nib.save(nib.Nifti1Image(vol.labels, vol.affine), root / "seg.nii.gz")
-    with (root / "structures.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["group", "original_idx", "structure", "id"])
-        w.writerows(["x", lid, name, lid] for lid, name in vol.label_names.items())
-    generate(SynthConfig(out=str(root / "synth"), ct=str(root / "ct.nii.gz"), labels=str(root / "seg.nii.gz"),
-                         n=24, size=64, seed=3, screws=(2, 4), images_per_study=2, series_per_study=1,
-                         voxel_mm=3.0))
-    # A fixed key: the patient-level split is a function of the keyed pseudonyms, and this test
-    # needs a known split (a random key left only 2 of 24 images in train once).
-    (root / "k.key").write_bytes(hashlib.sha256(b"xrayfm test_tasks_cli key 0").digest())
-    (root / "k.key").chmod(0o600)
-    ingest([str(root / "synth" / "dicom")], str(root / "lake"),
-           IngestConfig(key_file=str(root / "k.key"), max_side=64, split_fractions=(0.5, 0.25, 0.25)))
-    torch.manual_seed(0)
-    export_backbone(create_backbone("resnet18", img_size=64), root / "bb", 64, extra={"method": "random"})
-    return root
+    return heads_world(tmp_path_factory.mktemp("heads_cli"))
 
 
 def _common(w: Path) -> list[str]:

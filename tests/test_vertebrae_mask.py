@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import base64
-import csv
-import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from synth_world import heads_world, phantom_ct_files
 
 from xrayfm.synth.anatomy import find_vertebrae, group_points
 from xrayfm.synth.generate import SynthConfig, collect_parts, generate
@@ -82,20 +80,8 @@ def test_view_beside_the_spine_and_unlabelled_volume_give_no_vertebra(phantom: t
     assert _render(bare, View(isocenter=tuple(scene.vertebrae[0].body_center), size=64)).vertebra_mask is None
 
 
-def _ct_files(root: Path) -> tuple[Path, Path]:
-    vol = make_phantom(voxel_mm=3.0)
-    ct, seg = root / "ct.nii.gz", root / "seg.nii.gz"
-    nib.save(nib.Nifti1Image(vol.hu, vol.affine), ct)
-    nib.save(nib.Nifti1Image(vol.labels, vol.affine), seg)
-    with (root / "structures.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["group", "original_idx", "structure", "id"])
-        w.writerows(["x", lid, name, lid] for lid, name in vol.label_names.items())
-    return ct, seg
-
-
 def test_synth_run_stores_vertebrae_png_and_old_files_still_load(tmp_path: Path) -> None:
-    ct, seg = _ct_files(tmp_path)
+    ct, seg = phantom_ct_files(tmp_path)
     out = tmp_path / "run"
     generate(SynthConfig(out=str(out), ct=str(ct), labels=str(seg), n=4, size=64, seed=2, screws=(2, 2),
                          images_per_study=2, voxel_mm=3.0))
@@ -187,18 +173,8 @@ def test_segment_vertebrae_head_learns_rendered_vertebrae(phantom: tuple, tmp_pa
 def test_cli_trains_and_evaluates_segment_vertebrae(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     from xrayfm.cli import main
-    from xrayfm.lake.ingest import IngestConfig, ingest
-    from xrayfm.models import create_backbone, export_backbone
 
-    ct, seg = _ct_files(tmp_path)
-    generate(SynthConfig(out=str(tmp_path / "synth"), ct=str(ct), labels=str(seg), n=24, size=64, seed=3,
-                         screws=(2, 4), images_per_study=2, series_per_study=1, voxel_mm=3.0))
-    (tmp_path / "k.key").write_bytes(hashlib.sha256(b"xrayfm test_tasks_cli key 0").digest())
-    (tmp_path / "k.key").chmod(0o600)
-    ingest([str(tmp_path / "synth" / "dicom")], str(tmp_path / "lake"),
-           IngestConfig(key_file=str(tmp_path / "k.key"), max_side=64, split_fractions=(0.5, 0.25, 0.25)))
-    torch.manual_seed(0)
-    export_backbone(create_backbone("resnet18", img_size=64), tmp_path / "bb", 64, extra={"method": "random"})
+    heads_world(tmp_path)
     common = ["--backbone", str(tmp_path / "bb"), "--lake", str(tmp_path / "lake"),
               "--labels", str(tmp_path / "synth")]
     head_dir = tmp_path / "vert"
