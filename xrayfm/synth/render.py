@@ -61,6 +61,21 @@ def _box_corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
 
 
+def world_box(lo_idx: np.ndarray, hi_idx: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World-mm bounding box (lo, hi) of the voxel-index box ``lo_idx .. hi_idx`` under ``affine``."""
+    corners = (np.hstack([_box_corners(lo_idx, hi_idx), np.ones((8, 1))]) @ affine.T)[:, :3]
+    return corners.min(0), corners.max(0)
+
+
+def block_mean(arr: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """Mean over ``f[0] x f[1] x f[2]`` voxel blocks (a partial last block averages what it holds)."""
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    if (f > 1).any():
+        t = F.avg_pool3d(t, kernel_size=tuple(int(v) for v in f), stride=tuple(int(v) for v in f),
+                         ceil_mode=True, count_include_pad=False)
+    return t[0, 0].numpy()
+
+
 def hu_to_mu(hu: np.ndarray, bone_gain: float = 1.8) -> np.ndarray:
     """HU -> linear attenuation (1/mm): water-equivalent below 0 HU, bone-weighted above."""
     hu = np.asarray(hu, dtype=np.float32)
@@ -88,10 +103,7 @@ def prepare_volume(vol: CTVolume, voxel_mm: float = 1.5, bone_gain: float = 1.8,
     """Downsample ``vol`` to about ``voxel_mm`` (block mean), convert to attenuation, drop non-body voxels."""
     spacing = np.array(vol.spacing)
     f = np.maximum(1, np.round(voxel_mm / spacing)).astype(int)
-    hu = torch.from_numpy(np.maximum(vol.hu, -1024.0))[None, None]
-    if (f > 1).any():
-        hu = F.avg_pool3d(hu, kernel_size=tuple(f), stride=tuple(f), ceil_mode=True, count_include_pad=False)
-    hu_np = hu[0, 0].numpy()
+    hu_np = block_mean(np.maximum(vol.hu, -1024.0), f)
     mu = hu_to_mu(hu_np, bone_gain)
     if remove_table:
         mu = np.where(body_mask(hu_np), mu, 0.0).astype(np.float32)
@@ -103,12 +115,11 @@ def prepare_volume(vol: CTVolume, voxel_mm: float = 1.5, bone_gain: float = 1.8,
     if len(nz) == 0:
         raise ValueError(f"{vol.name}: no voxel above {BODY_THRESHOLD_HU} HU; is this a CT in HU?")
     lo_idx, hi_idx = nz.min(0) - 0.5, nz.max(0) + 0.5
-    corners = (np.hstack([_box_corners(lo_idx, hi_idx), np.ones((8, 1))]) @ affine.T)[:, :3]
-    full = (np.hstack([_box_corners(np.full(3, -0.5), np.array(mu.shape) - 0.5), np.ones((8, 1))])
-            @ affine.T)[:, :3]
-    return PreparedVolume(mu=np.ascontiguousarray(mu), affine=affine, body_lo=corners.min(0),
-                          body_hi=corners.max(0), z_lo=float(full[:, 2].min()), z_hi=float(full[:, 2].max()),
-                          name=vol.name, body_idx_lo=lo_idx, body_idx_hi=hi_idx)
+    body_lo, body_hi = world_box(lo_idx, hi_idx, affine)
+    full_lo, full_hi = world_box(np.full(3, -0.5), np.array(mu.shape) - 0.5, affine)
+    return PreparedVolume(mu=np.ascontiguousarray(mu), affine=affine, body_lo=body_lo, body_hi=body_hi,
+                          z_lo=float(full_lo[2]), z_hi=float(full_hi[2]), name=vol.name, body_idx_lo=lo_idx,
+                          body_idx_hi=hi_idx)
 
 
 def _slab(origin: np.ndarray, dirs: np.ndarray, lo: np.ndarray, hi: np.ndarray,

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from xrayfm.io.volume import CTVolume
@@ -17,7 +15,7 @@ from xrayfm.synth.geometry import View, collimator_mask, field_mask, pixel_rays,
 from xrayfm.synth.implants import Implant
 from xrayfm.synth.physics import Exposure, expose
 from xrayfm.synth.regions import classify_region, field_coverage
-from xrayfm.synth.render import PreparedVolume, _box_corners, line_integrals, truncated_rays
+from xrayfm.synth.render import PreparedVolume, block_mean, line_integrals, truncated_rays, world_box
 
 END_ON_PX_AT_256 = 12.0
 VERTEBRA_MIN_PATH_MM = 2.0  # a pixel is vertebra when its ray runs this far through vertebra voxels
@@ -64,20 +62,14 @@ def vertebra_volume(vol: CTVolume, pv: PreparedVolume) -> PreparedVolume | None:
     # crop on whole pooling blocks so the pooled crop is a sub-grid of pv's grid
     start = np.array([sl.start for sl in box[0]]) // f * f
     stop = np.minimum(-(-np.array([sl.stop for sl in box[0]]) // f) * f, occ.shape)
-    block = occ[tuple(slice(a, b) for a, b in zip(start, stop))].astype(np.float32)
-    crop = torch.from_numpy(block)[None, None]
-    if (f > 1).any():
-        crop = F.avg_pool3d(crop, kernel_size=tuple(f), stride=tuple(f), ceil_mode=True,
-                            count_include_pad=False)
-    frac = np.ascontiguousarray(crop[0, 0].numpy())
+    frac = np.ascontiguousarray(block_mean(occ[tuple(slice(a, b) for a, b in zip(start, stop))], f))
     shift = np.eye(4)
     shift[:3, 3] = start // f
     affine = pv.affine @ shift
     lo_idx, hi_idx = np.full(3, -0.5), np.array(frac.shape) - 0.5
-    corners = (np.hstack([_box_corners(lo_idx, hi_idx), np.ones((8, 1))]) @ affine.T)[:, :3]
-    return PreparedVolume(mu=frac, affine=affine, body_lo=corners.min(0), body_hi=corners.max(0),
-                          z_lo=pv.z_lo, z_hi=pv.z_hi, name=f"{pv.name} vertebrae", body_idx_lo=lo_idx,
-                          body_idx_hi=hi_idx)
+    body_lo, body_hi = world_box(lo_idx, hi_idx, affine)
+    return PreparedVolume(mu=frac, affine=affine, body_lo=body_lo, body_hi=body_hi, z_lo=pv.z_lo, z_hi=pv.z_hi,
+                          name=f"{pv.name} vertebrae", body_idx_lo=lo_idx, body_idx_hi=hi_idx)
 
 
 def metal_integrals(implants: list[Implant], view: View, ss: int = 2) -> tuple[np.ndarray, list[np.ndarray]]:
