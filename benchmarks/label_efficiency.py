@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import backbone_from_spec
 
 from xrayfm.config import atomic_write_text, versions
-from xrayfm.models import create_backbone, load_backbone
 from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import label_subset, load_labeled_images
 from xrayfm.tasks.train import HeadTrainConfig, predict_items, train_head
@@ -38,15 +38,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "label_efficiency.json"
 KEYS = {"classify": ("accuracy", "recall_macro", "top3_accuracy"),
         "segment": ("dice_mean", "dice_positive_mean", "iou_mean", "empty_fp_rate"),
         "detect": ("precision", "recall", "ap", "head_error_px", "tip_error_px", "angle_error_deg")}
-
-
-def _backbone(spec: str) -> tuple[str, torch.nn.Module]:
-    """``NAME=PATH`` (pretrained) or ``random:ARCH``; returns (label, backbone)."""
-    if spec.startswith("random:"):
-        torch.manual_seed(0)
-        return spec, create_backbone(spec.split(":", 1)[1])
-    name, _, path = spec.partition("=")
-    return (name if path else Path(spec).name), load_backbone(path or spec)[0]
 
 
 def _epochs(n_items: int, batch: int, steps: int, lo: int, hi: int) -> int:
@@ -78,7 +69,7 @@ def main() -> None:
         raise SystemExit(f"{args.lake}: needs labelled train and test images (got {len(train)} / {len(test)})")
     rows: list[dict[str, Any]] = []
     for spec in args.backbone:
-        label, bb = _backbone(spec)
+        label, bb = backbone_from_spec(spec)
         for task_name in tasks:
             task = get_task(task_name)
             for frac in fractions:

@@ -17,9 +17,11 @@ loading off the critical path), one input channel. For each backbone it times
 FLOPs per image come from ``torch.utils.flop_counter`` over a full xrayfm step; the fp32 floor
 is the best measured fp32 2048^3 matmul rate divided by them. The machine is shared, so the
 variants run interleaved, one step each per round, and both the fastest and the median step are
-reported; the 1-minute load average is recorded next to the numbers.
+reported; the 1-minute load average is recorded next to the numbers. Peak memory is each
+variant's resident-set high-water mark over 3 steps in a fresh process (``--no-memory`` skips it).
 
     .venv/bin/python benchmarks/pretrain.py [--rounds 6] [--threads N] [--archs vit_tiny_patch16,resnet18]
+        [--out benchmarks/results/pretrain.json]
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import copy
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -180,14 +184,68 @@ def flops_per_image(arch: str) -> float:
     return counter.get_total_flops() / BATCH
 
 
+def variant_makers(arch: str) -> dict[str, Callable[[], Step]]:
+    """Every variant's step builder; the ``lightly_*`` ones only when lightly is installed."""
+    makers: dict[str, Callable[[], Step]] = {
+        "xrayfm_fp32": partial(ours, arch, "fp32"), "xrayfm_bf16": partial(ours, arch, "bf16"),
+        "peer_fp32": partial(peer, arch, False), "peer_bf16": partial(peer, arch, True)}
+    try:
+        import lightly  # noqa: F401
+    except ImportError:
+        return makers
+    makers.update({"lightly_fp32": partial(lightly_step, arch, False),
+                   "lightly_bf16": partial(lightly_step, arch, True)})
+    return makers
+
+
+def _status_mb(key: str) -> float:
+    """A memory line of ``/proc/self/status`` in MB (Linux; 0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _probe(arch: str, name: str) -> None:
+    """Child process of :func:`memory_probe`: build one variant, run 3 steps, print its memory as JSON.
+    ``VmHWM`` is the high-water mark of this process's own address space (``getrusage``'s maxrss
+    would include the parent's, inherited at fork)."""
+    step = variant_makers(arch)[name]()
+    batch = random_batch(0)
+    built = _status_mb("VmRSS")
+    for _ in range(3):
+        step(batch)
+    peak = _status_mb("VmHWM")
+    print(json.dumps({"peak_rss_mb": round(peak, 1), "step_rss_mb": round(peak - built, 1)}))
+
+
+def memory_probe(arch: str, name: str, threads: int) -> dict[str, float]:
+    """Peak resident memory of one variant's training in a fresh process (CPU has no allocator
+    high-water mark like CUDA's): ``peak_rss_mb`` = the process's high-water mark over 3 steps,
+    ``step_rss_mb`` = that minus the memory held once model, optimiser and batch exist."""
+    out = subprocess.run([sys.executable, __file__, "--probe", f"{arch}:{name}", "--threads", str(threads)],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--archs", default="vit_tiny_patch16,resnet18")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = torch's default)")
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure each variant's peak memory in a fresh process")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.probe:
+        _probe(*args.probe.split(":", 1))
+        return
     torch.manual_seed(0)
     result: dict[str, object] = {
         "setup": f"batch {BATCH}, {N_GLOBAL}x{G} + {N_LOCAL}x{L} crops, out_dim {OUT_DIM}, 1 channel",
@@ -197,14 +255,8 @@ def main() -> None:
         "versions": versions(), "archs": {}}
     for arch in args.archs.split(","):
         gflop = flops_per_image(arch) / 1e9
-        makers: dict[str, Callable[[], Step]] = {
-            "xrayfm_fp32": partial(ours, arch, "fp32"), "xrayfm_bf16": partial(ours, arch, "bf16"),
-            "peer_fp32": partial(peer, arch, False), "peer_bf16": partial(peer, arch, True)}
-        try:
-            import lightly  # noqa: F401
-            makers.update({"lightly_fp32": partial(lightly_step, arch, False),
-                           "lightly_bf16": partial(lightly_step, arch, True)})
-        except ImportError:
+        makers = variant_makers(arch)
+        if "lightly_fp32" not in makers:
             print("lightly is not installed (pip install -e '.[bench]'): measuring the re-implementation only")
         steps = {name: make() for name, make in makers.items()}
         for name, step in steps.items():  # warm-up: allocator, oneDNN primitives
@@ -226,6 +278,11 @@ def main() -> None:
                          "pct_of_fp32_floor_best": round(100 * best / floor, 1)}
             print(f"{arch:18s} {name:12s} best {best:6.2f} median {median:6.2f} images/s "
                   f"({100 * best / floor:5.1f}% of fp32 floor)", flush=True)
+        if args.memory:
+            for name in times:
+                row[name].update(memory_probe(arch, name, torch.get_num_threads()))  # type: ignore[union-attr]
+                print(f"{arch:18s} {name:12s} peak RSS {row[name]['peak_rss_mb']:7.0f} MB "  # type: ignore[index]
+                      f"(step adds {row[name]['step_rss_mb']:6.0f} MB)", flush=True)  # type: ignore[index]
         for ref in ("peer_fp32", "lightly_fp32", "lightly_bf16"):
             if ref in times:
                 base = BATCH / statistics.median(times[ref])
@@ -233,8 +290,8 @@ def main() -> None:
                     name: round(BATCH / statistics.median(ts) / base, 2) for name, ts in times.items()}
         result["archs"][arch] = row  # type: ignore[index]
     result["load_avg_1min_after"] = os.getloadavg()[0]
-    atomic_write_text(RESULTS, json.dumps(result, indent=2))
-    print(f"wrote {RESULTS}")
+    atomic_write_text(args.out, json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
