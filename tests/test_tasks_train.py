@@ -51,6 +51,24 @@ def test_segmentation_head_learns_painted_metal(tmp_path) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(again, first))
 
 
+def test_stride2_segmentation_head_learns_and_round_trips(tmp_path) -> None:
+    """``seg_out_stride`` 2: logits at half resolution, learns the rods, saved and reloaded as such."""
+    bb = _resnet(96)
+    train = [rod_item(i, size=96) for i in range(48)]
+    test = [rod_item(1000 + i, size=96, split="test") for i in range(16)]
+    cfg = HeadTrainConfig(task="segment", img_size=96, epochs=20, batch_size=16, lr=1e-2, seg_out_stride=2)
+    head, history = train_head(bb, train, cfg)
+    assert head.decoder.out_stride == 2
+    task = get_task("segment")
+    m = task.metrics(predict_items(bb, head, task, test, 96), test)
+    assert m["dice_positive_mean"] > 0.6 and m["n_positive"] >= 8
+    save_head_bundle(tmp_path / "seg2", head, cfg, bb, {"arch": "resnet18"}, history, head_arguments(task, cfg))
+    head2, card = load_head_bundle(tmp_path / "seg2")
+    assert card["head_kwargs"]["out_stride"] == 2 and head2.decoder.out_stride == 2
+    assert all(np.array_equal(a, b) for a, b in zip(predict_items(bb, head2, task, test[:4], 96),
+                                                     predict_items(bb, head, task, test[:4], 96)))
+
+
 def test_detector_finds_painted_screws() -> None:
     bb = _resnet(64)
     train = [rod_item(i, size=64) for i in range(256)]
@@ -139,6 +157,8 @@ def test_augment_moves_labels_with_pixels() -> None:
 def test_bad_config_messages() -> None:
     with pytest.raises(ValueError, match="multiple of 32"):
         HeadTrainConfig(img_size=50).validate()
+    with pytest.raises(ValueError, match="seg_out_stride must be 1, 2 or 4"):
+        HeadTrainConfig(seg_out_stride=3).validate()
     with pytest.raises(ValueError, match="no training images carry a segment label"):
         train_head(_resnet(64), [rod_item(0, size=64).__class__(image=np.zeros((64, 64), np.float32), image_id="x")],
                    HeadTrainConfig(task="segment", img_size=64, epochs=1))

@@ -41,6 +41,7 @@ class HeadTrainConfig:
     head: str | None = None          # registered head name; None = the task's default
     num_classes: int | None = None   # classification only; None = the 11 body regions
     head_width: int = 64             # channels of the dense heads' decoder
+    seg_out_stride: int = 4          # segmentation logits' stride: 4, or 2 / 1 for thin structures
     img_size: int = 224
     epochs: int = 30
     batch_size: int = 32
@@ -60,6 +61,7 @@ class HeadTrainConfig:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.unfreeze >= -1, f"unfreeze must be >= 0 blocks, or -1 for all, got {self.unfreeze}"),
             (self.label_fraction > 0, f"label_fraction must be > 0, got {self.label_fraction}"),
+            (self.seg_out_stride in (1, 2, 4), f"seg_out_stride must be 1, 2 or 4, got {self.seg_out_stride}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -92,7 +94,8 @@ def set_trainable(backbone: nn.Module, unfreeze: int) -> list[nn.Parameter]:
 
 def head_arguments(task: HeadTask, cfg: HeadTrainConfig) -> dict[str, Any]:
     """Keyword arguments the head of ``task`` is built with (saved in the head bundle)."""
-    return task.head_kwargs() | ({"width": cfg.head_width} if task.input_kind == "dense" else {})
+    kwargs = task.head_kwargs() | ({"width": cfg.head_width} if task.input_kind == "dense" else {})
+    return kwargs | ({"out_stride": cfg.seg_out_stride} if task.head_task == "segment" else {})
 
 
 def _progress_noop(_: int) -> None:
