@@ -3,7 +3,8 @@ through a head's input size and output stride, on a labelled lake's test images 
 
 For each head input size S and logit stride s, the true mask is resized to S x S (nearest),
 average-pooled by s (the best soft mask a stride-s logit map can hold), bilinearly upsampled to the
-lake image and thresholded at 0.5, exactly as ``SegmentTask.predict`` maps a head's output back.
+lake image and thresholded at 0.5 (``SegmentTask.predict`` thresholds bilinearly upsampled logits
+at 0; pooled probabilities at 0.5 are the closest mask-only stand-in, not an exact bound).
 Also a global intensity threshold (is metal simply the brightest thing?).
 
     .venv/bin/python benchmarks/seg_ceiling.py --lake LAKE --labels SYNTH_RUN \
