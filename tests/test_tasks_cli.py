@@ -30,13 +30,16 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
     assert splits.count("train") >= 8 and splits.count("val") >= 2
     for task in ("classify", "segment", "detect"):
         fraction = ["--label-fraction", "0.5"] if task == "classify" else []
+        dihedral = ["--dihedral"] if task == "detect" else []  # the cache holds 8 views of each image
         with pytest.raises(SystemExit) as exc:
             main(["heads", "train", "--task", task, *_common(world), "--out", str(world / task),
-                  "--epochs", "2", "--img-size", "64", "--batch-size", "8", *fraction])
+                  "--epochs", "2", "--img-size", "64", "--batch-size", "8", *fraction, *dihedral])
         assert exc.value.code == 0
         assert f"trained {task} head" in capsys.readouterr().out
         card = json.loads((world / task / "head.json").read_text())
         assert card["task"] == task and card["backbone"]["arch"] == "resnet18"
+        assert card["train_config"]["dihedral"] is bool(dihedral)
+        assert ("dihedral: true" in (world / task / "config.yaml").read_text()) is bool(dihedral)
         assert (world / task / "config.yaml").is_file() and (world / task / "metrics_val.json").is_file()
         n_train = json.loads((world / task / "run.json").read_text())["n_train"]
         assert n_train < splits.count("train") if fraction else n_train == splits.count("train")

@@ -5,12 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tasks_rods import rod_item
+from tasks_rods import radiograph, rod_item
 
+from xrayfm.conventions import direction_deg
 from xrayfm.models.backbones import create_backbone
 from xrayfm.tasks.base import get_task
 from xrayfm.tasks.classify import classical_scores, knn_scores
-from xrayfm.tasks.data import augment_item, images_tensor, label_subset, resize_item
+from xrayfm.tasks.data import (
+    LabeledImage,
+    augment_item,
+    dihedral_item,
+    hflip_item,
+    images_tensor,
+    label_subset,
+    resize_item,
+)
 from xrayfm.tasks.features import FeatureCache, batched, compute_features
 from xrayfm.tasks.metrics import classification_metrics, dice
 from xrayfm.tasks.train import (
@@ -130,7 +139,8 @@ def test_unfreeze_and_augment_path_updates_last_stage_only() -> None:
     bb = _resnet(64)
     before = {k: v.clone() for k, v in bb.state_dict().items()}
     items = [rod_item(i, size=64) for i in range(8)]
-    cfg = HeadTrainConfig(task="segment", img_size=64, epochs=1, batch_size=4, augment=True, unfreeze=1)
+    cfg = HeadTrainConfig(task="segment", img_size=64, epochs=1, batch_size=4, augment=True, unfreeze=1,
+                          dihedral=True)
     train_head(bb, items, cfg)
     changed = {k for k, v in bb.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.layer4.") for k in changed)
@@ -152,6 +162,125 @@ def test_augment_moves_labels_with_pixels() -> None:
     small = resize_item(item, 32)
     assert small.size == (32, 32) and small.pixel_spacing_mm == pytest.approx(1.0)
     assert dice(resize_item(small, 64).mask, item.mask) > 0.5
+
+
+def _asymmetric_item() -> LabeledImage:
+    """A 40 x 64 crop of a real radiograph with random metal/bone masks and 6 screws whose head and
+    tip pixels are painted into the metal mask; points on a 1/16 px grid (off the pixel edges,
+    where the pixel under a point is ambiguous), so x -> W - x is exact."""
+    rng = np.random.default_rng(5)
+    img = radiograph()[100:140, 60:124].copy()
+    h, w = img.shape
+    mask, bone = rng.random((h, w)) < 0.3, rng.random((h, w)) < 0.5
+    screws = []
+    for _ in range(6):
+        head, tip = rng.integers(16, 16 * np.array([w - 1, h - 1]), (2, 2)) / 16 + 1 / 32  # off pixel edges
+        for x, y in (head, tip):
+            mask[int(y), int(x)] = True
+        screws.append({"head": head.tolist(), "tip": tip.tolist(), "end_on": False,
+                       "box": [*(np.minimum(head, tip) - 0.5).tolist(), *(np.maximum(head, tip) + 1).tolist()],
+                       "length_px": float(np.hypot(*(tip - head))), "angle_deg": direction_deg(head, tip)})
+    return LabeledImage(image=img, image_id="asym", region_index=3, mask=mask, bone_mask=bone, screws=screws)
+
+
+def _pixel(a: np.ndarray, p: list[float]) -> float:
+    return a[int(np.floor(p[1])), int(np.floor(p[0]))]
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_dihedral_moves_every_label_with_its_pixels(k: int) -> None:
+    item = _asymmetric_item()
+    (h, w), out = item.size, dihedral_item(item, k)
+    assert out.size == ((w, h) if k % 2 else (h, w))
+    assert out.region_index == 3 and out.image_id == "asym"
+    for s, t in zip(item.screws, out.screws):  # type: ignore[arg-type]
+        for key in ("head", "tip"):
+            # the painted head/tip pixel, the image and the bone mask under the moved point
+            assert _pixel(out.mask, t[key]) and _pixel(item.mask, s[key])  # type: ignore[arg-type]
+            assert _pixel(out.image, t[key]) == _pixel(item.image, s[key])
+            assert _pixel(out.bone_mask, t[key]) == _pixel(item.bone_mask, s[key])  # type: ignore[arg-type]
+            x0, y0, x1, y1 = t["box"]
+            assert x0 <= t[key][0] <= x1 and y0 <= t[key][1] <= y1
+        assert t["length_px"] == s["length_px"] and t["end_on"] is False
+        assert t["angle_deg"] == pytest.approx(direction_deg(np.array(t["head"]), np.array(t["tip"])))
+        sx, sy = s["box"][2] - s["box"][0], s["box"][3] - s["box"][1]
+        assert (t["box"][2] - t["box"][0], t["box"][3] - t["box"][1]) == ((sy, sx) if k % 2 else (sx, sy))
+    inverse = k if k >= 4 else (4 - k) % 4  # mirrors are involutions, turns undo each other
+    back = dihedral_item(out, inverse)
+    for key in ("image", "mask", "bone_mask"):
+        assert np.array_equal(getattr(back, key), getattr(item, key))
+    assert back.screws == item.screws
+
+
+def test_dihedral_elements_are_distinct_and_hflip_is_element_4() -> None:
+    item = _asymmetric_item()
+    images = [dihedral_item(item, k).image for k in range(8)]
+    assert len({(a.shape, a.tobytes()) for a in images}) == 8
+    # element 1 turns counter-clockwise as displayed: the top-right pixel goes to the top left
+    assert images[1][0, 0] == item.image[0, -1] and images[3][0, 0] == item.image[-1, 0]
+    angle = item.screws[0]["angle_deg"]  # type: ignore[index]
+    turned = dihedral_item(item, 1).screws[0]["angle_deg"]  # type: ignore[index]
+    assert (turned - angle + 90 + 180) % 360 - 180 == pytest.approx(0.0, abs=1e-9)  # angles run towards +y
+    flipped, four = hflip_item(item), dihedral_item(item, 4)
+    w = item.size[1]
+    assert np.array_equal(flipped.image, item.image[:, ::-1]) and np.array_equal(four.image, flipped.image)
+    assert np.array_equal(four.mask, flipped.mask) and np.array_equal(four.bone_mask, flipped.bone_mask)
+    assert four.screws == flipped.screws
+    assert [s["head"] for s in flipped.screws] == [[w - s["head"][0], s["head"][1]] for s in item.screws]
+    assert dihedral_item(item, 0) is item
+    with pytest.raises(ValueError, match="in 0..7"):
+        dihedral_item(item, 8)
+
+
+def test_dihedral_cache_path_holds_8_views_and_trains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cache path with ``dihedral``: 8 rows per image (the backbone's features of each transform),
+    every epoch each image once under a drawn element, with the targets of that transform."""
+    import xrayfm.tasks.train as train_mod
+    from xrayfm.tasks.segment import SegmentTask
+
+    bb = _resnet(64)
+    items = [rod_item(i, size=64) for i in range(16)]
+    caches: list[FeatureCache] = []
+    rows: list[torch.Tensor] = []
+    masks: list[torch.Tensor] = []
+
+    def spy_features(*args, **kwargs) -> FeatureCache:
+        caches.append(compute_features(*args, **kwargs))
+        return caches[-1]
+
+    def spy_batch(self: FeatureCache, idx: torch.Tensor) -> list[torch.Tensor]:
+        rows.append(torch.as_tensor(idx))
+        return real_batch(self, idx)
+
+    def spy_targets(self: SegmentTask, batch: list[LabeledImage]) -> dict[str, torch.Tensor]:
+        out = real_targets(self, batch)
+        masks.append(out["mask"])
+        return out
+
+    real_batch, real_targets = FeatureCache.batch, SegmentTask.targets
+    monkeypatch.setattr(train_mod, "compute_features", spy_features)
+    monkeypatch.setattr(FeatureCache, "batch", spy_batch)
+    monkeypatch.setattr(SegmentTask, "targets", spy_targets)
+    done: list[int] = []
+    cfg = HeadTrainConfig(task="segment", img_size=64, epochs=6, batch_size=8, lr=1e-2, head_width=16,
+                          dihedral=True)
+    assert cfg.cache_views == 8
+    _, history = train_head(bb, items, cfg, progress=done.append)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert sum(done) == 16 * (6 + 8)
+    drawn = torch.cat(rows).view(6, 16)  # per epoch: every image once, under one element
+    assert all(sorted((r % 16).tolist()) == list(range(16)) for r in drawn)
+    assert len(set((drawn // 16).flatten().tolist())) == 8
+    for r, m in zip(drawn.flatten(), torch.cat(masks)):  # the loss saw the transformed masks
+        k, i = divmod(int(r), 16)
+        assert torch.equal(m[0], torch.from_numpy(dihedral_item(items[i], k).mask.astype(np.float32)))
+    (cache,) = caches
+    assert len(cache) == 8 * 16 and all(f.shape[0] == 128 and f.dtype == torch.float16 for f in cache.feats)
+    with torch.no_grad():  # row k * 16 + i = the backbone's features of item i under element k
+        for k, i in ((0, 3), (5, 3), (6, 11)):
+            ref = bb.forward_dense(images_tensor([dihedral_item(items[i], k)]))
+            for got, want in zip(real_batch(cache, [k * 16 + i]), ref):
+                torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
 
 
 def test_bad_config_messages() -> None:

@@ -52,6 +52,12 @@ def from_uint16(arr: np.ndarray) -> np.ndarray:
     return arr.astype(np.float32) * np.float32(1.0 / UINT16_MAX)
 
 
+def direction_deg(start: np.ndarray, end: np.ndarray) -> float:
+    """Angle of the direction ``start -> end`` (points ``(x, y)``) in degrees from +x towards +y."""
+    d = np.asarray(end, np.float64) - np.asarray(start, np.float64)
+    return float(np.degrees(np.arctan2(d[1], d[0])))
+
+
 def pixel_hash(arr: np.ndarray) -> str:
     """Content hash of a decoded pixel array (shape, dtype and values), hex sha256.
 

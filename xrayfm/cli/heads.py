@@ -94,6 +94,9 @@ def train_cmd(
     unfreeze: Annotated[int | None, _Opt(help="Fine-tune the last N blocks/stages; -1 = all [0].")] = None,
     augment: Annotated[bool | None, _Opt("--augment/--no-augment", help="Random crop + flip each step "
                                          "(runs the backbone every step); default off.")] = None,
+    dihedral: Annotated[bool | None, _Opt("--dihedral/--no-dihedral", help="Random rot90/mirror (8 exact "
+                                          "transforms) per image each epoch; without --augment/--unfreeze "
+                                          "the feature cache holds all 8 (8x memory); default off.")] = None,
     seed: Annotated[int | None, _Opt(help="Seed [0].")] = None,
 ) -> None:
     """Train one head on the lake's train split (labels joined on pixel hash); report val metrics."""
@@ -111,7 +114,7 @@ def train_cmd(
 
     given = {"task": task, "head": head, "epochs": epochs, "batch_size": batch_size, "lr": lr,
              "img_size": img_size, "label_fraction": label_fraction, "unfreeze": unfreeze,
-             "augment": augment, "seed": seed}
+             "augment": augment, "dihedral": dihedral, "seed": seed}
     t0 = time.time()
     try:
         base = load_yaml(HeadTrainConfig, config) if config else HeadTrainConfig()
@@ -123,8 +126,7 @@ def train_cmd(
         # train_head takes the same deterministic subset; counted here for the bar and the summary
         n_used = len(label_subset(train, cfg.label_fraction, cfg.seed,
                                   key="region_index" if cfg.task == "classify" else None)) if train else 0
-        in_loop = cfg.augment or cfg.unfreeze != 0
-        total = n_used * (cfg.epochs + (0 if in_loop else 1))
+        total = n_used * (cfg.epochs + cfg.cache_views)
         with _bar(f"heads train {cfg.task}", total) as step:
             fitted, history = train_head(bb, train, cfg, progress=step)
         card = {**card, "source": str(backbone)}

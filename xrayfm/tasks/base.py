@@ -68,11 +68,6 @@ def get_task(name: str, num_classes: int | None = None) -> HeadTask:
     return _TASKS[name](num_classes=num_classes)
 
 
-def index_targets(targets: dict[str, Tensor], idx: Tensor) -> dict[str, Tensor]:
-    """Rows ``idx`` of every target tensor."""
-    return {k: v[idx] for k, v in targets.items()}
-
-
 def cat_targets(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Concatenate per-batch target dicts."""
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -4,7 +4,8 @@ Heads work on square inputs of ``img_size`` px: an image is resized to ``(img_si
 (aspect not kept: no pixels are lost to padding) and every label follows the same map (points
 scaled per axis, metal and vertebra masks by nearest neighbour). Predictions are mapped back to
 the original image before any metric is computed, so metrics are always in original lake-image
-pixels.
+pixels. Augmentation: a random crop and flip (:func:`augment_item`) and the 8 exact
+rotations/mirrors of :func:`dihedral_item`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from xrayfm.conventions import check_image, from_uint16
+from xrayfm.conventions import check_image, direction_deg, from_uint16
 
 
 @dataclass
@@ -113,23 +114,62 @@ def augment_item(item: LabeledImage, rng: np.random.Generator, min_scale: float 
 
 
 def hflip_item(item: LabeledImage) -> LabeledImage:
-    """Mirror left-right; screw head stays head (x -> W - x)."""
-    w = item.size[1]
-    screws = None
-    if item.screws is not None:
-        screws = []
-        for sc in item.screws:
-            f = copy.deepcopy(sc)
-            f["head"] = [w - sc["head"][0], sc["head"][1]]
-            f["tip"] = [w - sc["tip"][0], sc["tip"][1]]
-            if sc.get("box") is not None:
-                x0, y0, x1, y1 = sc["box"]
-                f["box"] = [w - x1, y0, w - x0, y1]
-            screws.append(f)
-    mask = None if item.mask is None else np.ascontiguousarray(item.mask[:, ::-1])
-    bone = None if item.bone_mask is None else np.ascontiguousarray(item.bone_mask[:, ::-1])
-    return replace(item, image=np.ascontiguousarray(item.image[:, ::-1]), mask=mask, screws=screws,
-                   bone_mask=bone)
+    """Mirror left-right (``x -> W - x``; a screw's head stays its head): :func:`dihedral_item` 4."""
+    return dihedral_item(item, 4)
+
+
+DIHEDRAL_ELEMENTS = 8
+
+
+def dihedral_item(item: LabeledImage, k: int) -> LabeledImage:
+    """The item under element ``k`` (0..7) of the dihedral group D4, labels following exactly.
+
+    ``k >= 4`` first mirrors left-right (``x -> W - x``), then ``k % 4`` counter-clockwise
+    quarter turns as displayed (``np.rot90``; one turn maps ``(x, y) -> (y, W - x)`` and swaps
+    height and width). ``k = 0`` returns the item itself, ``k = 4`` is :func:`hflip_item`;
+    rotations invert as ``k -> (4 - k) % 4``, mirrored elements are their own inverse. Image,
+    metal and bone masks move as pixel arrays, screw heads and tips as points, boxes stay
+    ``(x0, y0, x1, y1)`` with ``x0 <= x1``, ``y0 <= y1``; ``length_px`` is unchanged and a
+    screw's ``angle_deg`` (when present) follows its head and tip.
+    """
+    if not 0 <= k < DIHEDRAL_ELEMENTS:
+        raise ValueError(f"dihedral element must be in 0..{DIHEDRAL_ELEMENTS - 1}, got {k}")
+    if k == 0:
+        return item
+    screws = None if item.screws is None else [_dihedral_screw(s, k, *item.size) for s in item.screws]
+    return replace(item, image=_dihedral_array(item.image, k), mask=_dihedral_array(item.mask, k),
+                   screws=screws, bone_mask=_dihedral_array(item.bone_mask, k))
+
+
+def _dihedral_array(a: np.ndarray | None, k: int) -> np.ndarray | None:
+    """An ``(H, W)`` array under D4 element ``k`` (None stays None)."""
+    if a is None:
+        return None
+    return np.ascontiguousarray(np.rot90(a[:, ::-1] if k >= 4 else a, k % 4))
+
+
+def _dihedral_points(points: np.ndarray, k: int, height: int, width: int) -> np.ndarray:
+    """``(N, 2)`` points ``(x, y)`` of a ``(height, width)`` image under D4 element ``k``."""
+    x, y = points[:, 0], points[:, 1]
+    if k >= 4:
+        x = width - x
+    for _ in range(k % 4):  # one counter-clockwise quarter turn; the image's sides swap
+        x, y, height, width = y, width - x, width, height
+    return np.stack([x, y], 1)
+
+
+def _dihedral_screw(s: dict[str, Any], k: int, height: int, width: int) -> dict[str, Any]:
+    """Copy of a screw dict with head, tip, box (and angle) under D4 element ``k``."""
+    out = copy.deepcopy(s)
+    box = s.get("box")
+    corners = [] if box is None else [box[:2], box[2:]]
+    moved = _dihedral_points(np.array([s["head"], s["tip"], *corners], np.float64), k, height, width)
+    out["head"], out["tip"] = moved[0].tolist(), moved[1].tolist()
+    if box is not None:  # corners go to corners: the new box is their min / max
+        out["box"] = [*moved[2:].min(0).tolist(), *moved[2:].max(0).tolist()]
+    if "angle_deg" in s:
+        out["angle_deg"] = direction_deg(moved[0], moved[1])
+    return out
 
 
 def images_tensor(items: list[LabeledImage]) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from xrayfm.conventions import direction_deg
 from xrayfm.models.heads import N_HEATMAPS, KeypointHead
 from xrayfm.tasks.base import HeadTask, register_task
 from xrayfm.tasks.data import LabeledImage, scale_screw
@@ -110,7 +111,7 @@ def _screw(head: np.ndarray, tip: np.ndarray, score: float, margin: float) -> di
     d = tip - head
     lo, hi = np.minimum(head, tip) - margin, np.maximum(head, tip) + margin
     return {"score": score, "head": head.tolist(), "tip": tip.tolist(), "box": [*lo.tolist(), *hi.tolist()],
-            "angle_deg": float(np.degrees(np.arctan2(d[1], d[0]))), "length_px": float(np.hypot(*d))}
+            "angle_deg": direction_deg(head, tip), "length_px": float(np.hypot(*d))}
 
 
 def _decode_one(out: Tensor, threshold: float, stride: int) -> list[dict[str, Any]]:
@@ -190,8 +191,7 @@ class DetectTask(HeadTask):
             sx, sy = item.size[1] / size[1], item.size[0] / size[0]
             scaled = [scale_screw(s, sx, sy) for s in screws]
             for s in scaled:
-                d = np.subtract(s["tip"], s["head"])
-                s["angle_deg"] = float(np.degrees(np.arctan2(d[1], d[0])))
+                s["angle_deg"] = direction_deg(s["head"], s["tip"])
             preds.append(scaled)
         return preds
 

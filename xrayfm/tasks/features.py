@@ -6,8 +6,9 @@ the memory of float32; the heads compute in float32). A cache saves to one safet
 atomically.
 
 Trade-off: with the cache an epoch costs only the head's forward/backward (the backbone, by far
-the larger network, runs once), but every epoch sees the same pixels: no geometric augmentation
-and no fine-tuning. Training with ``augment`` or ``unfreeze`` runs the backbone every step.
+the larger network, runs once), but every epoch sees the same pixels: no random geometric
+augmentation and no fine-tuning. Training with ``augment`` or ``unfreeze`` runs the backbone
+every step; ``dihedral`` on the cache caches the 8 rotations/mirrors of every image (8x memory).
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from xrayfm.conventions import direction_deg
+
 Spacing = float | tuple[float, float] | None
 
 
@@ -225,11 +227,6 @@ def _spacing_rc(spacing: Spacing) -> tuple[float, float] | None:
     return float(r), float(c)
 
 
-def _angle_deg(head: np.ndarray, tip: np.ndarray) -> float:
-    d = tip - head
-    return float(np.degrees(np.arctan2(d[1], d[0])))
-
-
 def angle_difference(a_deg: float, b_deg: float) -> float:
     """Directed angle difference wrapped to [0, 180] degrees."""
     return float(abs((a_deg - b_deg + 180.0) % 360.0 - 180.0))
@@ -293,7 +290,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
                 head_mm.append(float(np.linalg.norm((ph - th) * scale)))
                 tip_mm.append(float(np.linalg.norm((pt - tt) * scale)))
             if not t[ti].get("end_on", False) and np.linalg.norm(tt - th) >= min_angle_length:
-                ang.append(angle_difference(_angle_deg(ph, pt), _angle_deg(th, tt)))
+                ang.append(angle_difference(direction_deg(ph, pt), direction_deg(th, tt)))
     ranked.sort(key=lambda r: -r[0])
     incr = np.asarray([r[1] for r in ranked], dtype=np.float64)
 

@@ -5,6 +5,9 @@
 * Backbone path (``augment`` or ``unfreeze``): every step runs the backbone on a (randomly
   cropped and flipped, when ``augment``) batch; with ``unfreeze = N`` the last N ViT blocks or
   ResNet stages (``-1``: the whole backbone) are fine-tuned at ``lr * backbone_lr_scale``.
+* ``dihedral``: each item is seen under a random rotation/mirror (D4, :func:`dihedral_item`)
+  every epoch; in the loop drawn after ``augment``, on the cache path from a cache holding the
+  features of all 8 transforms of every image (8 backbone passes, 8x the cache memory).
 
 A head bundle folder holds ``head.safetensors``, ``head.json`` (head name and arguments, task,
 image size, backbone card, training config, history) and, when the backbone was fine-tuned, the
@@ -14,7 +17,7 @@ fine-tuned backbone as an exported bundle in ``backbone/``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,16 @@ from torch import nn
 
 from xrayfm.config import atomic_write_bytes, atomic_write_text
 from xrayfm.models.heads import create_head
-from xrayfm.tasks.base import HeadTask, get_task, index_targets
-from xrayfm.tasks.data import LabeledImage, augment_item, images_tensor, label_subset, resize_item
+from xrayfm.tasks.base import HeadTask, get_task
+from xrayfm.tasks.data import (
+    DIHEDRAL_ELEMENTS,
+    LabeledImage,
+    augment_item,
+    dihedral_item,
+    images_tensor,
+    label_subset,
+    resize_item,
+)
 from xrayfm.tasks.features import backbone_features, batched, compute_features
 
 HEAD_WEIGHTS = "head.safetensors"
@@ -48,6 +59,7 @@ class HeadTrainConfig:
     lr: float = 1e-2                 # one-cycle peak; rod test: Dice 0.73 at 1e-2, 0.45 at 1e-3
     weight_decay: float = 1e-4
     augment: bool = False
+    dihedral: bool = False           # random rot90/mirror per item; on the cache path 8x cache memory
     unfreeze: int = 0                # last N blocks/stages fine-tuned; -1 = all
     backbone_lr_scale: float = 0.1
     label_fraction: float = 1.0      # <= 1: fraction per class; > 1: items per class
@@ -66,6 +78,17 @@ class HeadTrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+
+    @property
+    def in_loop(self) -> bool:
+        """Whether the backbone runs every step (``augment`` or ``unfreeze``) instead of once into a cache."""
+        return self.augment or self.unfreeze != 0
+
+    @property
+    def cache_views(self) -> int:
+        """Backbone passes over the training images into the feature cache: 0 in the loop, 8 with
+        ``dihedral`` (one per D4 element), else 1."""
+        return 0 if self.in_loop else DIHEDRAL_ELEMENTS if self.dihedral else 1
 
 
 def backbone_blocks(backbone: nn.Module) -> list[nn.Module]:
@@ -133,24 +156,10 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
     steps = cfg.epochs * int(np.ceil(len(labelled) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps,
                                                 pct_start=0.1)
-    size = (cfg.img_size, cfg.img_size)
-    in_loop = cfg.augment or cfg.unfreeze != 0
-    if in_loop:
+    if cfg.in_loop:
         history = _fit_in_loop(backbone, head, task, labelled, cfg, opt, sched, rng, progress)
     else:
-        resized = [resize_item(it, *size) for it in labelled]
-        cache = compute_features(backbone, batched([it.image_id for it in resized], images_tensor(resized),
-                                                   cfg.batch_size), task.input_kind, progress=progress)
-        targets = task.targets(resized)
-        history = []
-        head.train()
-        for epoch in range(cfg.epochs):
-            losses = []
-            for idx in torch.from_numpy(rng.permutation(len(resized))).split(cfg.batch_size):
-                out = task.run_head(head, cache.batch(idx), size)
-                losses.append(_step(task.loss(out, index_targets(targets, idx)), opt, sched))
-                progress(len(idx))
-            history.append({"epoch": epoch, "loss": float(np.mean(losses))})
+        history = _fit_on_cache(backbone, head, task, labelled, cfg, opt, sched, rng, progress)
     set_trainable(backbone, 0)
     backbone.eval()
     head.eval()
@@ -166,9 +175,45 @@ def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any) -> float:
     return loss.item()
 
 
+def _view_batches(items: list[LabeledImage], views: int,
+                  batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """``(ids, images)`` batches of all items under D4 element 0, then 1, ... ``views - 1``:
+    cache row ``k * len(items) + i`` is item ``i`` under element ``k``."""
+    ids = [it.image_id for it in items]
+    for k in range(views):
+        yield from batched(ids, images_tensor([dihedral_item(it, k) for it in items]), batch_size)
+
+
+def _fit_on_cache(backbone: nn.Module, head: nn.Module, task: HeadTask, items: list[LabeledImage],
+                  cfg: HeadTrainConfig, opt: torch.optim.Optimizer, sched: Any, rng: np.random.Generator,
+                  progress: Callable[[int], None]) -> list[dict[str, float]]:
+    """Frozen backbone once per view into a cache, then epochs of the head alone; with
+    ``dihedral`` every epoch draws one of the 8 cached transforms per item (targets to match)."""
+    size = (cfg.img_size, cfg.img_size)
+    base = [resize_item(it, *size) for it in items]
+    n, views = len(base), cfg.cache_views
+    cache = compute_features(backbone, _view_batches(base, views, cfg.batch_size), task.input_kind,
+                             progress=progress)
+    history = []
+    head.train()
+    for epoch in range(cfg.epochs):
+        losses = []
+        # without dihedral nothing is drawn, so the seed's permutations stay as before
+        view = torch.from_numpy(rng.integers(0, views, n)) if cfg.dihedral else torch.zeros(n, dtype=torch.long)
+        for idx in torch.from_numpy(rng.permutation(n)).split(cfg.batch_size):
+            ks = view[idx]
+            out = task.run_head(head, cache.batch(ks * n + idx), size)
+            batch = [dihedral_item(base[i], k) for i, k in zip(idx.tolist(), ks.tolist())]
+            losses.append(_step(task.loss(out, task.targets(batch)), opt, sched))
+            progress(len(idx))
+        history.append({"epoch": epoch, "loss": float(np.mean(losses))})
+    return history
+
+
 def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: list[LabeledImage],
                  cfg: HeadTrainConfig, opt: torch.optim.Optimizer, sched: Any, rng: np.random.Generator,
                  progress: Callable[[int], None]) -> list[dict[str, float]]:
+    """Backbone every step on the (augmented, then dihedrally transformed) batch."""
     size = (cfg.img_size, cfg.img_size)
     base = [resize_item(it, *size) for it in items]
     history = []
@@ -183,6 +228,9 @@ def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: li
         losses = []
         for idx in np.array_split(rng.permutation(len(base)), int(np.ceil(len(base) / cfg.batch_size))):
             batch = [augment_item(base[i], rng) if cfg.augment else base[i] for i in idx]
+            if cfg.dihedral:
+                ks = rng.integers(0, DIHEDRAL_ELEMENTS, len(batch)).tolist()
+                batch = [dihedral_item(it, k) for it, k in zip(batch, ks)]
             x = images_tensor(batch)
             with torch.set_grad_enabled(cfg.unfreeze != 0):
                 feats = backbone_features(backbone, x, task.input_kind)
