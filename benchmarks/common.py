@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from xrayfm.models import create_backbone, load_backbone
+from xrayfm.synth.regions import REGIONS
 
 
 def backbone_from_spec(spec: str) -> tuple[str, torch.nn.Module]:
@@ -17,3 +19,16 @@ def backbone_from_spec(spec: str) -> tuple[str, torch.nn.Module]:
         return spec, create_backbone(spec.split(":", 1)[1])
     name, _, path = spec.partition("=")
     return (name if path else Path(spec).name), load_backbone(path or spec)[0]
+
+
+def linear_probe_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray) -> np.ndarray:
+    """Multinomial logistic regression on standardised features; class scores over all REGIONS."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=5000))
+    pipe.fit(ftr, ytr)
+    scores = np.zeros((len(fte), len(REGIONS)))
+    scores[:, pipe.classes_.astype(int)] = pipe.predict_proba(fte)
+    return scores

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import backbone_from_spec
+from common import backbone_from_spec, linear_probe_scores
 
 from xrayfm.config import atomic_write_text, versions
 from xrayfm.ssl.anatomy import part_whole_similarity
@@ -48,19 +48,6 @@ def _summary(y_true: np.ndarray, scores: np.ndarray, classes: list[int]) -> dict
     recall = np.diag(cm) / np.maximum(cm.sum(1), 1)
     return {"accuracy": round(m["accuracy"], 4), "balanced_accuracy": round(float(recall.mean()), 4),
             "confusion_matrix": cm.tolist()}
-
-
-def linear_probe_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray) -> np.ndarray:
-    """Multinomial logistic regression on standardised features; class scores over all REGIONS."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=5000))
-    pipe.fit(ftr, ytr)
-    scores = np.zeros((len(fte), len(REGIONS)))
-    scores[:, pipe.classes_.astype(int)] = pipe.predict_proba(fte)
-    return scores
 
 
 def probe(backbone: torch.nn.Module, train: list[LabeledImage], test: list[LabeledImage], img_size: int,

@@ -12,7 +12,7 @@ stratified by body region.
 
     .venv/bin/python benchmarks/label_efficiency.py --lake LAKE --labels SYNTH_RUN \
         --backbone dino=runs/resnet18 --backbone random:resnet18 [--fractions 0.01,0.1,1]
-        [--tasks classify,segment,detect] [--img-size 128] [--steps 300] [--threads 2]
+        [--tasks classify,segment,detect] [--img-size 128] [--steps 300] [--threads 2] [--dihedral]
         [--out benchmarks/results/label_efficiency.json]
 """
 
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--max-epochs", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dihedral", action="store_true", help="heads train with random rot90/mirror (8-view cache)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -78,7 +79,8 @@ def main() -> None:
                 epochs = _epochs(n_items, args.batch_size, args.steps, args.min_epochs, args.max_epochs)
                 lr = 3e-3 if task_name == "segment" else 1e-2
                 cfg = HeadTrainConfig(task=task_name, img_size=args.img_size, epochs=epochs,
-                                      batch_size=args.batch_size, lr=lr, label_fraction=frac, seed=args.seed)
+                                      batch_size=args.batch_size, lr=lr, label_fraction=frac, seed=args.seed,
+                                      dihedral=args.dihedral)
                 t0 = time.perf_counter()
                 head, _ = train_head(bb, train, cfg)
                 train_s = time.perf_counter() - t0
@@ -89,7 +91,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = {"lake": args.lake, "n_train": len(train), "n_test": len(test), "img_size": args.img_size,
-              "steps": args.steps, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
+              "steps": args.steps, "dihedral": args.dihedral, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
               "versions": versions(), "rows": rows}
     atomic_write_text(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -1,87 +1,145 @@
-"""Small-data DINO probe: short runs of the trainer on one lake's train split + kNN on its val split.
+"""Small-data DINO probe: short pretraining runs on a labelled lake's train split, probed every epoch.
 
-    python benchmarks/small_data_dino.py LAKE LABELS GLOBAL_SIZE '{"name": {config overrides}}' [ARCH]
+    .venv/bin/python benchmarks/small_data_dino.py --lake LAKE --labels SYNTH_RUN --arch resnet18 \
+        --exp 'weak={}' --exp 'strong={"augment": {"window_p": 0.8, "gamma_p": 0.8}}' \
+        [--size 64] [--threads 2] [--out benchmarks/results/small_data_dino.json]
 
-e.g. ``... /tmp/dd/lake /tmp/dd/synth/labels.parquet 64 '{"noaug": {"augment": {"window_p": 0}}}'``.
-Base settings: the demo's small-data recipe (xrayfm/cli/demo.py SMALL_DATA_PRETRAIN), vit_tiny_patch16,
-6 epochs, batch 32, local crops GLOBAL_SIZE/2, 4 local crops, out_dim 1024. Train images are held
-in memory at 1.5 x GLOBAL_SIZE (faster augmentations than the lake's full-size images). Prints the
-teacher-entropy trajectory, the final teacher entropy (H) and batch entropy (Hb), and the weighted
-kNN (k=20, T=0.07) region accuracy and class-balanced accuracy of the exported (teacher) backbone.
+Base settings: the demo's small-data recipe (``xrayfm.cli.demo.SMALL_DATA_PRETRAIN``), 8 epochs,
+batch 32, global crops ``--size`` px, no local crops, out_dim 1024; each ``--exp NAME=JSON`` overrides
+any ``PretrainConfig`` key (``augment`` keys merge into the recipe's). Train images are held in
+memory at 1.5 x ``--size``. After every epoch the teacher (what DINO exports) and the student
+backbones are probed on the val split against the train split, at ``--size`` px: class-balanced
+weighted kNN (k 20, T 0.07, DINO protocol), the same kNN on features centred by the bank mean, and
+a linear probe (standardised features, logistic regression); the random init of the same
+architecture is probed once. Prints a line per epoch and writes everything as JSON.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
+from common import linear_probe_scores
 
 from xrayfm.cli.demo import SMALL_DATA_PRETRAIN
+from xrayfm.config import atomic_write_text, versions
 from xrayfm.models.backbones import create_backbone
 from xrayfm.ssl.config import PretrainConfig
 from xrayfm.ssl.multicrop import AugmentConfig
 from xrayfm.ssl.trainer import Trainer
-from xrayfm.tasks.data import load_labeled_images
-from xrayfm.tasks.evaluate import knn_region_monitor
+from xrayfm.synth.regions import REGIONS
+from xrayfm.tasks.classify import knn_scores
+from xrayfm.tasks.data import LabeledImage, load_labeled_images
+from xrayfm.tasks.evaluate import pooled_features
+
+RESULTS = Path(__file__).resolve().parent / "results" / "small_data_dino.json"
+
+
+class Prober:
+    """Balanced kNN, centred kNN and linear-probe accuracy of a backbone's pooled features."""
+
+    def __init__(self, bank: list[LabeledImage], query: list[LabeledImage], size: int) -> None:
+        self.bank, self.query, self.size = bank, query, size
+        self.y_bank = np.array([it.region_index for it in bank])
+        self.y_query = np.array([it.region_index for it in query])
+        self.classes = sorted(set(self.y_query.tolist()))
+
+    def balanced(self, scores: np.ndarray) -> float:
+        pred = scores.argmax(1)
+        return round(float(np.mean([np.mean(pred[self.y_query == c] == c) for c in self.classes])), 4)
+
+    def __call__(self, backbone: torch.nn.Module) -> dict[str, float]:
+        fb, fq = pooled_features(backbone, self.bank, self.size), pooled_features(backbone, self.query, self.size)
+        yb = torch.from_numpy(self.y_bank)
+        mu = fb.mean(0, keepdim=True)
+        z = F.normalize(fb, dim=1)
+        return {"knn": self.balanced(knn_scores(fb, yb, fq, len(REGIONS)).numpy()),
+                "knn_centred": self.balanced(knn_scores(fb - mu, yb, fq - mu, len(REGIONS)).numpy()),
+                "linear": self.balanced(linear_probe_scores(fb.numpy(), self.y_bank, fq.numpy())),
+                "mean_cosine": round(float((z @ z.T).mean()), 4)}
+
+
+class TeacherStudentMonitor:
+    """The trainer's per-epoch monitor: probes the teacher it is given and the trainer's student."""
+
+    def __init__(self, probe: Prober) -> None:
+        self.probe = probe
+        self.trainer: Trainer | None = None
+
+    def __call__(self, teacher: torch.nn.Module) -> dict[str, float]:
+        student = self.probe(self.trainer.method.student.backbone)  # type: ignore[union-attr]
+        return {**self.probe(teacher), **{f"student_{k}": v for k, v in student.items()}}
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lake", required=True)
+    ap.add_argument("--labels", required=True)
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--exp", action="append", required=True, help="NAME=JSON config overrides")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", default="/tmp/small_data_dino")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    lake, labels, size, exps = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
-    arch = sys.argv[5] if len(sys.argv) > 5 else "vit_tiny_patch16"
-    tr, _ = load_labeled_images(lake, labels, "train")
-    va, _ = load_labeled_images(lake, labels, "val")
-    imgs = [F.interpolate(torch.from_numpy(i.image)[None, None].float(), size=(int(size * 1.5),) * 2,
-                          mode="area")[0] for i in tr]
-
-    class Images(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(imgs)
-
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {"image": imgs[i]}
-
-    knn_stats = knn_region_monitor(tr, va, size)
-
-    def knn(bb: torch.nn.Module) -> str:
-        r = knn_stats(bb)
-        return f"{r['knn_accuracy']:.3f} (balanced {r['knn_balanced_accuracy']:.3f})"
-
+    train, _ = load_labeled_images(args.lake, args.labels, "train")
+    val, _ = load_labeled_images(args.lake, args.labels, "val")
+    if not train or not val:
+        raise SystemExit(f"{args.lake}: needs labelled train and val images (got {len(train)} / {len(val)})")
+    side = int(args.size * 1.5)
+    images = [F.interpolate(torch.from_numpy(it.image)[None, None].float(), size=(side, side), mode="area")[0]
+              for it in train]
+    source = [{"image": img} for img in images]
+    probe = Prober(train, val, args.size)
     torch.manual_seed(0)
-    print(f"n_train={len(tr)} n_val={len(va)}; "
-          f"{arch} random-init knn={knn(create_backbone(arch, img_size=size))}", flush=True)
-    base: dict[str, Any] = {"arch": arch, "epochs": 6, "batch_size": 32, "global_size": size,
-                            "local_size": size // 2, "n_local": 4, "out_dim": 1024, "num_workers": 0,
-                            "log_every": 1, "checkpoint_every": 10**6}
-    base.update(yaml.safe_load(SMALL_DATA_PRETRAIN))
-    for name, over in exps.items():
-        kw = dict(base)
-        aug = over.pop("augment", None)
-        kw.update(over)
-        kw["augment"] = replace(AugmentConfig(), **{**kw.get("augment", {}), **(aug or {})})
+    random_init = probe(create_backbone(args.arch, img_size=args.size))
+    print(f"n_train={len(train)} n_val={len(val)} {args.arch} random init: {random_init}", flush=True)
+    base: dict[str, Any] = {"arch": args.arch, "epochs": 8, "batch_size": 32, "global_size": args.size,
+                            "local_size": args.size // 2, "n_local": 0, "out_dim": 1024, "num_workers": 0,
+                            "log_every": 5, "checkpoint_every": 10**6, **yaml.safe_load(SMALL_DATA_PRETRAIN)}
+    runs: dict[str, Any] = {}
+    result = {"lake": args.lake, "arch": args.arch, "size": args.size, "n_train": len(train), "n_val": len(val),
+              "base": {k: v for k, v in base.items() if k != "augment"} | {"augment": base.get("augment", {})},
+              "random_init": random_init, "runs": runs, "threads": args.threads, "versions": versions()}
+    for spec in args.exp:
+        name, _, text = spec.partition("=")
+        over = json.loads(text or "{}")
+        kw = {**base, **{k: v for k, v in over.items() if k != "augment"}}
+        kw["augment"] = replace(AugmentConfig(), **{**base.get("augment", {}), **over.get("augment", {})})
         cfg = PretrainConfig(**kw)
-        out = f"/tmp/small_data_dino/{name}"
+        out = Path(args.workdir, name)
         shutil.rmtree(out, ignore_errors=True)
-        t = time.time()
-        trainer = Trainer(cfg, out, Images(), show_progress=False, monitor=knn_stats)
-        trainer.fit()
-        recs = [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
-        mon = [json.loads(line) for line in Path(out, "monitor.jsonl").read_text().splitlines()]
-        print(f"{name}: balanced kNN per epoch {[m['knn_balanced_accuracy'] for m in mon]}", flush=True)
-        h = [round(r["teacher_entropy"], 2) for r in recs]
-        print(f"{name}: {over} augment={aug} | H {h[::max(1, len(h) // 8)]} final H={h[-1]:.2f} "
-              f"Hb={recs[-1]['teacher_batch_entropy']:.2f} loss={recs[-1]['loss']:.2f} | "
-              f"knn={knn(trainer.method.trained_backbone())} | {len(recs)} steps {time.time() - t:.0f}s", flush=True)
+        monitor = TeacherStudentMonitor(probe)
+        t0 = time.perf_counter()
+        monitor.trainer = Trainer(cfg, out, source, show_progress=False, monitor=monitor)
+        monitor.trainer.fit()
+        logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        epochs = [json.loads(line) for line in (out / "monitor.jsonl").read_text().splitlines()]
+        for e in epochs:
+            print(f"{name} epoch {e['epoch']}: teacher kNN {e['knn']:.3f} (centred {e['knn_centred']:.3f}, "
+                  f"linear {e['linear']:.3f}); student kNN {e['student_knn']:.3f} "
+                  f"(centred {e['student_knn_centred']:.3f}, linear {e['student_linear']:.3f})", flush=True)
+        runs[name] = {"overrides": over, "steps": logs[-1]["step"] if logs else 0,
+                      "seconds": round(time.perf_counter() - t0, 1), "epochs": epochs,
+                      "log": [{k: r[k] for k in ("step", "loss", "teacher_entropy", "kl")} for r in logs]}
+        print(f"{name}: final loss {logs[-1]['loss']:.3f}, teacher entropy {logs[-1]['teacher_entropy']:.2f} "
+              f"(ln K {np.log(cfg.out_dim):.2f}), {runs[name]['seconds']:.0f} s", flush=True)
+        result["load_avg_1m"] = os.getloadavg()[0]
+        atomic_write_text(args.out, json.dumps(result, indent=2))  # after every run: partial results survive
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
