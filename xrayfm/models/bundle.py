@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xrayfm.config import atomic_write_bytes, atomic_write_text
-from xrayfm.conventions import check_image
+from xrayfm.conventions import check_image, direction_deg
 from xrayfm.models.backbones import Backbone, ResNetBackbone, ViTBackbone
 from xrayfm.models.card import CARD_NAME, WEIGHTS_NAME, load_backbone
 
@@ -301,7 +301,6 @@ class ModelBundle:
             for sc in screws:
                 m = scale_screw(sc, sx, sy)
                 m["confidence"] = m.pop("score")
-                d = np.subtract(m["tip"], m["head"])
-                m["angle_deg"] = float(np.degrees(np.arctan2(d[1], d[0])))
+                m["angle_deg"] = direction_deg(m["head"], m["tip"])
                 mapped.append(screw_mm(m, spacing))
             r["screws"] = mapped
