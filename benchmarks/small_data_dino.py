@@ -42,6 +42,7 @@ from xrayfm.synth.regions import REGIONS
 from xrayfm.tasks.classify import knn_scores
 from xrayfm.tasks.data import LabeledImage, load_labeled_images
 from xrayfm.tasks.evaluate import pooled_features
+from xrayfm.tasks.metrics import balanced_accuracy, confusion_matrix
 
 RESULTS = Path(__file__).resolve().parent / "results" / "small_data_dino.json"
 
@@ -53,11 +54,10 @@ class Prober:
         self.bank, self.query, self.size = bank, query, size
         self.y_bank = np.array([it.region_index for it in bank])
         self.y_query = np.array([it.region_index for it in query])
-        self.classes = sorted(set(self.y_query.tolist()))
 
     def balanced(self, scores: np.ndarray) -> float:
-        pred = scores.argmax(1)
-        return round(float(np.mean([np.mean(pred[self.y_query == c] == c) for c in self.classes])), 4)
+        cm = confusion_matrix(self.y_query, scores.argmax(1), len(REGIONS))
+        return round(balanced_accuracy(cm), 4)
 
     def __call__(self, backbone: torch.nn.Module) -> dict[str, float]:
         fb, fq = pooled_features(backbone, self.bank, self.size), pooled_features(backbone, self.query, self.size)

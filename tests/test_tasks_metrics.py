@@ -34,6 +34,15 @@ def test_top3() -> None:
     assert M.top_k_accuracy([0, 2, 1], scores, k=1) == pytest.approx(0.0)
 
 
+def test_balanced_accuracy_counts_only_classes_in_the_truth() -> None:
+    # truth 0,0,0,1 ; predictions 0,0,1,2: recall 2/3 (class 0), 0 (class 1); class 2 only predicted
+    cm = M.confusion_matrix([0, 0, 0, 1], [0, 0, 1, 2], 4)
+    assert M.balanced_accuracy(cm) == pytest.approx((2 / 3 + 0.0) / 2)
+    m = M.classification_metrics([0, 0, 0, 1], np.eye(4)[[0, 0, 1, 2]], 4)
+    assert m["recall_macro"] == pytest.approx((2 / 3 + 0 + 0) / 3)  # counts the predicted-only class
+    assert np.isnan(M.balanced_accuracy(np.zeros((3, 3))))
+
+
 def test_classification_bad_input_messages() -> None:
     with pytest.raises(ValueError, match="class indices"):
         M.confusion_matrix([0, 5], [0, 1], 3)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from xrayfm.tasks.data import LabeledImage
@@ -66,8 +65,3 @@ def get_task(name: str, num_classes: int | None = None) -> HeadTask:
     if name not in _TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(_TASKS)}")
     return _TASKS[name](num_classes=num_classes)
-
-
-def cat_targets(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Concatenate per-batch target dicts."""
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

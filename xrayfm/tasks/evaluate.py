@@ -69,7 +69,7 @@ def knn_region_monitor(bank: Sequence[LabeledImage], query: Sequence[LabeledImag
     accuracy (mean recall over the classes the queries hold) of the ``query`` images against a
     ``bank`` memory bank."""
     from xrayfm.tasks.classify import knn_scores
-    from xrayfm.tasks.metrics import classification_metrics
+    from xrayfm.tasks.metrics import balanced_accuracy, classification_metrics
 
     y_bank = torch.tensor([it.region_index for it in bank])
     y_query = np.array([it.region_index for it in query])
@@ -79,9 +79,7 @@ def knn_region_monitor(bank: Sequence[LabeledImage], query: Sequence[LabeledImag
         scores = knn_scores(pooled_features(backbone, bank, img_size), y_bank,
                             pooled_features(backbone, query, img_size), n_classes)
         m = classification_metrics(y_query, scores.numpy(), n_classes)
-        cm = np.asarray(m["confusion_matrix"])
-        held = cm.sum(axis=1) > 0
-        balanced = float((np.diag(cm)[held] / cm.sum(axis=1)[held]).mean())
+        balanced = balanced_accuracy(np.asarray(m["confusion_matrix"]))
         return {"knn_accuracy": round(m["accuracy"], 4), "knn_balanced_accuracy": round(balanced, 4)}
 
     return monitor

@@ -78,6 +78,14 @@ def precision_recall_f1(cm: np.ndarray) -> dict[str, np.ndarray]:
     return {"precision": prec, "recall": rec, "f1": f1, "present": (pred_n + true_n) > 0}
 
 
+def balanced_accuracy(cm: np.ndarray) -> float:
+    """Mean recall over the classes that occur in the truth (rows of ``cm`` with any sample); a
+    class that is only predicted does not count, unlike ``recall_macro``."""
+    cm = np.asarray(cm, dtype=np.float64)
+    held = cm.sum(axis=1) > 0
+    return float((np.diag(cm)[held] / cm.sum(axis=1)[held]).mean()) if held.any() else float("nan")
+
+
 def top_k_accuracy(y_true: Any, scores: Any, k: int = 3) -> float:
     """Fraction of samples whose true class is among the ``k`` highest scores (ties: lower index)."""
     t = _as_labels(y_true, "y_true")
