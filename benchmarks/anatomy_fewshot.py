@@ -1,22 +1,25 @@
 """Few-shot segmentation (metal or vertebrae) and part-whole similarity: anatomy vs DINO vs random init.
 
-1. Synthesises C-arm images with pedicle screws from the demo CT (``xrayfm.synth.generate``,
-   cached in ``--data``), reads them back through ``xrayfm.io`` and joins the ``--target`` masks
-   (metal: ``mask_png``; vertebrae: ``vertebrae_png``) by pixel hash; the last fifth of the
-   patients is the fixed test set.
-2. Pretrains the same backbone with ``method: dino`` and ``method: anatomy`` on the other
-   images for the same steps, batch and crop sizes (DINO: 2 global + 6 local crops; anatomy:
-   2 global + 2 local crops + 4 parts at the local size, about the same FLOPs).
-3. For random init, DINO and anatomy: frozen backbone, ``seg_decoder`` head (task ``segment`` or
+1. Data: with ``--lake LAKE --labels SYNTH_RUN``, the lake's train split pretrains and is the
+   labelled pool, its test split is the test set (masks joined by source pixel hash). Without,
+   synthesises C-arm images with pedicle screws from the demo CT (``xrayfm.synth.generate``,
+   cached in ``--data``), reads them back through ``xrayfm.io`` and joins the masks by pixel hash;
+   the last fifth of the patients is the test set.
+2. Pretrains the same backbone with the small-data recipe (``xrayfm.cli.demo.SMALL_DATA_PRETRAIN``)
+   for the same steps, batch and global crop size, on the images held at 1.5 x the global crop:
+   ``dino`` (2 global crops, the recipe's best), ``dino_local4`` (2 global + 4 local crops: the
+   same pixels per image as anatomy) and ``anatomy`` (2 global crops + 4 parts at the local size).
+3. For random init and each run: frozen backbone, ``seg_decoder`` head (task ``segment`` or
    ``segment_vertebrae``) trained on 3, 6, 12, 24 labelled images (one subset per seed), mean
    Dice on the test images whose target mask is non-empty.
-4. Part-whole cosine similarity (``xrayfm.ssl.anatomy.part_whole_similarity``) on the test images.
+4. Part-whole cosine similarity (``xrayfm.ssl.anatomy.part_whole_similarity``) on the test images;
+   with a lake, also class-balanced kNN of body region (test against train) as a sanity check.
 
-    .venv/bin/python benchmarks/anatomy_fewshot.py [--quick] [--seeds 3] [--arch resnet18] \
-        [--target metal|vertebrae]
+    .venv/bin/python benchmarks/anatomy_fewshot.py [--lake LAKE --labels SYNTH_RUN] [--quick] \
+        [--seeds 3] [--arch resnet18] [--target metal|vertebrae]
 
-Writes ``benchmarks/results/anatomy_fewshot[_vertebrae][_quick].json`` (or ``--out``) and keeps
-the two pretrain runs under ``--work`` (a finished run with the same config is reused; both
+Writes ``benchmarks/results/anatomy_fewshot[_lake][_vertebrae][_quick].json`` (or ``--out``) and
+keeps the pretrain runs under ``--work`` (a finished run with the same config is reused; both
 targets pretrain on the same pixels, so they share the runs).
 """
 
@@ -33,18 +36,25 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+import yaml
 
+from xrayfm.cli.demo import SMALL_DATA_PRETRAIN
 from xrayfm.config import atomic_write_text, versions
 from xrayfm.io import read_any
 from xrayfm.models import create_backbone, load_backbone
 from xrayfm.ssl import PretrainConfig, train
 from xrayfm.ssl.anatomy import part_whole_similarity
 from xrayfm.ssl.anatomy_views import AnatomyConfig
+from xrayfm.ssl.multicrop import AugmentConfig
 from xrayfm.synth.generate import SynthConfig, generate
 from xrayfm.synth.labels import read_labels
+from xrayfm.synth.regions import REGIONS
 from xrayfm.tasks.base import get_task
-from xrayfm.tasks.data import LabeledImage
-from xrayfm.tasks.metrics import segmentation_metrics
+from xrayfm.tasks.classify import knn_scores
+from xrayfm.tasks.data import LabeledImage, load_labeled_images
+from xrayfm.tasks.evaluate import pooled_features
+from xrayfm.tasks.metrics import balanced_accuracy, confusion_matrix, segmentation_metrics
 from xrayfm.tasks.train import HeadTrainConfig, predict_items, train_head
 
 SHOTS = (3, 6, 12, 24)
@@ -76,18 +86,31 @@ def synth_items(data: Path, n: int, size: int, per_study: int, target: str = "me
     return items
 
 
-def pretrain_cfg(method: str, arch: str, epochs: int, seed: int, base_lr: float = 5e-3,
-                 out_dim: int = 1024) -> PretrainConfig:
-    """Same steps, batch and crop sizes for both methods."""
+METHODS = {"dino": ("dino", 0), "dino_local4": ("dino", 4), "anatomy": ("anatomy", 0)}  # name: method, n_local
+GLOBAL, LOCAL = 64, 32
+
+
+def pretrain_cfg(name: str, arch: str, epochs: int, batch: int, seed: int) -> PretrainConfig:
+    """The small-data recipe; only the method and the number of local crops differ between runs."""
+    method, n_local = METHODS[name]
+    recipe = yaml.safe_load(SMALL_DATA_PRETRAIN)
+    aug = AugmentConfig(**recipe.pop("augment"))
     common: dict[str, Any] = {
-        "arch": arch, "method": method, "global_size": 64, "local_size": 32, "out_dim": out_dim,
-        "hidden_dim": 512, "bottleneck_dim": 128, "batch_size": 16, "epochs": epochs, "base_lr": base_lr,
-        "warmup_epochs": 1.0, "momentum_teacher": 0.99, "freeze_last_layer_epochs": 1.0,
-        "drop_path_rate": 0.0, "num_workers": 0, "log_every": 5, "checkpoint_every": 1000, "seed": seed,
-        "precision": "fp32"}
+        **recipe, "augment": aug, "arch": arch, "method": method, "n_local": n_local, "global_size": GLOBAL,
+        "local_size": LOCAL, "out_dim": 1024, "batch_size": batch, "epochs": epochs, "drop_path_rate": 0.0,
+        "num_workers": 0, "log_every": 5, "checkpoint_every": 10**6, "seed": seed, "precision": "fp32"}
     if method == "anatomy":
-        return PretrainConfig(n_local=2, anatomy=AnatomyConfig(mlp_hidden_dim=512), **common)
-    return PretrainConfig(n_local=6, **common)
+        return PretrainConfig(anatomy=AnatomyConfig(mlp_hidden_dim=512), **common)
+    return PretrainConfig(**common)
+
+
+def region_knn(backbone: torch.nn.Module, bank: list[LabeledImage], query: list[LabeledImage]) -> float:
+    """Class-balanced weighted kNN accuracy of body region, pooled features at the global crop size."""
+    fb, fq = pooled_features(backbone, bank, GLOBAL), pooled_features(backbone, query, GLOBAL)
+    yb = torch.tensor([it.region_index for it in bank])
+    pred = knn_scores(fb, yb, fq, len(REGIONS)).argmax(1).numpy()
+    cm = confusion_matrix(np.array([it.region_index for it in query]), pred, len(REGIONS))
+    return round(balanced_accuracy(cm), 4)
 
 
 def fewshot(backbone: torch.nn.Module, pool: list[LabeledImage], test: list[LabeledImage], shots: int,
@@ -108,87 +131,111 @@ def fewshot(backbone: torch.nn.Module, pool: list[LabeledImage], test: list[Labe
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lake", help="a labelled lake (its train split pretrains, its test split tests)")
+    ap.add_argument("--labels", help="the synth run (or labels.parquet) the lake was ingested from")
     ap.add_argument("--quick", action="store_true", help="~3 min: fewer images, epochs, head steps, one seed")
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--target", choices=tuple(TASK), default="metal", help="mask the few-shot heads segment")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--base-lr", type=float, default=5e-3, help="pretraining lr per 256 images")
-    ap.add_argument("--out-dim", type=int, default=1024, help="DINO prototypes")
+    ap.add_argument("--epochs", type=int, help="pretraining epochs (default 8 with a lake, 9 without, 3 quick)")
+    ap.add_argument("--batch", type=int, help="pretraining batch (default 32 with a lake, 16 without)")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"pretrain runs, from {', '.join(METHODS)}")
     # one intra-op thread: on a shared 2-core machine two threads spin-wait (5x slower steps here)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data", type=Path, help="synth cache (default CACHE/bench/anatomy_synth[_vertebrae])")
     ap.add_argument("--work", type=Path, default=CACHE / "bench" / "anatomy_runs")
     ap.add_argument("--out", type=Path,
-                    help="JSON results (default benchmarks/results/anatomy_fewshot[_vertebrae][_quick].json)")
+                    help="JSON results (default benchmarks/results/anatomy_fewshot[_lake][_vertebrae][_quick].json)")
     args = ap.parse_args()
+    if bool(args.lake) != bool(args.labels):
+        ap.error("--lake and --labels go together")
+    methods = [m for m in args.methods.split(",") if m]
+    if unknown := set(methods) - set(METHODS):
+        ap.error(f"unknown --methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     target_tag = "" if args.target == "metal" else f"_{args.target}"
-    args.out = args.out or RESULTS / f"anatomy_fewshot{target_tag}{'_quick' if args.quick else ''}.json"
+    quick_tag = "_quick" if args.quick else ""
+    args.out = args.out or RESULTS / f"anatomy_fewshot{'_lake' if args.lake else ''}{target_tag}{quick_tag}.json"
     # metal caches written before vertebrae_png existed hold no vertebra masks: vertebrae get their own
     args.data = args.data or CACHE / "bench" / f"anatomy_synth{target_tag}"
     task = TASK[args.target]
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Invalid value for VR")  # synth's fake header times
     n, epochs, head_steps, seeds = (120, 3, 40, 1) if args.quick else (240, 9, 150, args.seeds)
+    epochs = args.epochs or (8 if args.lake and not args.quick else epochs)
+    batch = args.batch or (32 if args.lake else 16)
     t0 = time.time()
-    items = synth_items(args.data / str(n), n, size=128, per_study=8, target=args.target)
-    n_patients = items[-1].extra["patient"] + 1
-    test_from = n_patients - max(1, n_patients // 5)
-    pool = [it for it in items if it.extra["patient"] < test_from]
     seg = get_task(task)
 
     def positive(it: LabeledImage) -> bool:
         m = seg.label_mask(it)
         return m is not None and bool(m.any())
 
-    test = [it for it in items if it.extra["patient"] >= test_from and positive(it)]
+    if args.lake:
+        pool, _ = load_labeled_images(args.lake, args.labels, "train")
+        test_all, _ = load_labeled_images(args.lake, args.labels, "test")
+        data_name = f"lake{len(pool)}"
+    else:
+        items = synth_items(args.data / str(n), n, size=128, per_study=8, target=args.target)
+        n_patients = items[-1].extra["patient"] + 1
+        test_from = n_patients - max(1, n_patients // 5)
+        pool = [it for it in items if it.extra["patient"] < test_from]
+        test_all = [it for it in items if it.extra["patient"] >= test_from]
+        data_name = str(n)
+    test = [it for it in test_all if positive(it)]
     labelled_pool = [it for it in pool if positive(it)]
+    img_size = pool[0].image.shape[0]
     print(f"{len(pool)} pretraining images ({len(labelled_pool)} with {args.target}), "
           f"{len(test)} test images with {args.target}")
 
     backbones: dict[str, torch.nn.Module] = {}
     pretrain: dict[str, Any] = {}
-    unlabeled = [{"image": torch.from_numpy(it.image)[None]} for it in pool]
-    for method in ("dino", "anatomy"):
-        tag = "" if (args.base_lr, args.out_dim) == (5e-3, 1024) else f"_lr{args.base_lr:g}_k{args.out_dim}"
-        out = args.work / f"{method}_{args.arch}_{n}{tag}{'_quick' if args.quick else ''}"
-        summary = train(pretrain_cfg(method, args.arch, epochs, 0, args.base_lr, args.out_dim), out, unlabeled)  # a finished run is reused
-        backbones[method], _ = load_backbone(str(out))
+    side = int(GLOBAL * 1.5)  # as small_data_dino.py: crops from images held at 1.5 x the global crop
+    unlabeled = [{"image": F.interpolate(torch.from_numpy(it.image)[None, None].float(), size=(side, side),
+                                         mode="area")[0]} for it in pool]
+    for name in methods:
+        out = args.work / f"recipe_{name}_{args.arch}_{data_name}_e{epochs}_b{batch}{quick_tag}"
+        summary = train(pretrain_cfg(name, args.arch, epochs, batch, 0), out, unlabeled)  # a finished run is reused
+        backbones[name], _ = load_backbone(str(out))
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         keep = ("loss", "localizability", "composability", "decomposability", "teacher_entropy")
-        pretrain[method] = {"steps": summary.steps, "final": {k: round(records[-1][k], 4) for k in keep
-                                                               if k in records[-1]},
-                            "images_per_s": round(float(np.mean([r["images_per_s"] for r in records])), 2),
-                            "run": str(out)}
+        pretrain[name] = {"steps": summary.steps, "final": {k: round(records[-1][k], 4) for k in keep
+                                                             if k in records[-1]},
+                          "images_per_s": round(float(np.mean([r["images_per_s"] for r in records])), 2),
+                          "run": str(out)}
         print(summary.line())
     torch.manual_seed(0)
-    backbones["random"] = create_backbone(args.arch, img_size=64).eval()
+    backbones["random"] = create_backbone(args.arch, img_size=GLOBAL).eval()
 
+    knn = {name: region_knn(bb, pool, test_all) for name, bb in backbones.items()} if args.lake else {}
+    if knn:
+        print("region kNN (balanced):", knn)
     test_images = [torch.from_numpy(it.image)[None] for it in test]
     part_whole = {name: {f"g{g}{'_centred' if c else ''}": round(float(part_whole_similarity(
-        bb, test_images, granularity=g, size=64, centre=c).mean()), 4) for g in (0, 1) for c in (False, True)}
+        bb, test_images, granularity=g, size=GLOBAL, centre=c).mean()), 4) for g in (0, 1) for c in (False, True)}
         for name, bb in backbones.items()}
     print("part-whole cosine:", part_whole)
 
     dice: dict[str, dict[str, list[float]]] = {name: {} for name in backbones}
     for name, bb in backbones.items():
         for shots in SHOTS:
-            scores = [fewshot(bb, labelled_pool, test, shots, s, 128, head_steps, task) for s in range(seeds)]
+            scores = [fewshot(bb, labelled_pool, test, shots, s, img_size, head_steps, task) for s in range(seeds)]
             dice[name][str(shots)] = [round(v, 4) for v in scores]
-            print(f"{name:8s} {shots:2d} shots: Dice {np.mean(scores):.3f} ({', '.join(f'{v:.3f}' for v in scores)})")
+            print(f"{name:12s} {shots:2d} shots: Dice {np.mean(scores):.3f} ({', '.join(f'{v:.3f}' for v in scores)})")
+    command = ["benchmarks/anatomy_fewshot.py", *(["--lake", args.lake, "--labels", args.labels] if args.lake else []),
+               *(["--quick"] if args.quick else ["--seeds", str(seeds)]), "--epochs", str(epochs),
+               "--batch", str(batch), "--methods", ",".join(methods), "--target", args.target]
     result = {
-        "command": "benchmarks/anatomy_fewshot.py" + (" --quick" if args.quick else f" --seeds {seeds}")
-        + f" --base-lr {args.base_lr:g} --out-dim {args.out_dim} --target {args.target}",
-        "target": args.target,
-        "arch": args.arch, "n_images": n, "n_pretrain": len(pool), "n_test": len(test), "image_size": 128,
-        "pretrain": pretrain, "pretrain_config": {"global_size": 64, "local_size": 32, "batch_size": 16,
-                                                  "epochs": epochs, "base_lr": args.base_lr,
-                                                  "out_dim": args.out_dim, "dino_crops": "2x64 + 6x32",
-                                                  "anatomy_crops": "2x64 + 2x32 + 4 parts x32"},
-        "head": {"name": "seg_decoder", "task": task,
-                 "width": HEAD_WIDTH, "img_size": 128, "steps": head_steps, "batch": 8,
-                 "lr": 3e-3, "frozen_backbone": True},
+        "command": " ".join(command), "target": args.target, "arch": args.arch, "data": args.lake or str(args.data),
+        "n_pretrain": len(pool), "n_labelled_pool": len(labelled_pool), "n_test": len(test), "image_size": img_size,
+        "pretrain": pretrain, "pretrain_config": {
+            "recipe": "xrayfm.cli.demo.SMALL_DATA_PRETRAIN", "source_px": side, "global_size": GLOBAL,
+            "local_size": LOCAL, "batch_size": batch, "epochs": epochs, "out_dim": 1024,
+            "crops": {"dino": f"2x{GLOBAL}", "dino_local4": f"2x{GLOBAL} + 4x{LOCAL}",
+                      "anatomy": f"2x{GLOBAL} + 4 parts x{LOCAL}"}},
+        "head": {"name": "seg_decoder", "task": task, "width": HEAD_WIDTH, "img_size": img_size, "steps": head_steps,
+                 "batch": 8, "lr": 3e-3, "frozen_backbone": True},
         "dice_mean": {name: {k: round(float(np.mean(v)), 4) for k, v in per.items()} for name, per in dice.items()},
-        "dice_per_seed": dice, "part_whole_cosine": part_whole,
+        "dice_per_seed": dice, "part_whole_cosine": part_whole, "region_knn_balanced": knn,
         "seconds": round(time.time() - t0, 1), "threads": args.threads, "load_avg_1min": os.getloadavg()[0],
         "versions": versions(),
     }

@@ -25,9 +25,9 @@ def real_xray(size: int) -> torch.Tensor:
     return torch.from_numpy(np.clip(arr, 0, 1))[None, None]
 
 
-def test_registry_lists_the_six_backbones() -> None:
+def test_registry_lists_the_seven_backbones() -> None:
     expected = {"vit_tiny_patch16", "vit_small_patch16", "vit_base_patch16", "vit_small_patch8",
-                "resnet18", "resnet50"}
+                "vit_tiny_patch8", "resnet18", "resnet50"}
     assert expected <= set(list_backbones())
     with pytest.raises(ValueError, match="unknown backbone"):
         create_backbone("vit_huge_nonsense")
@@ -46,6 +46,16 @@ def test_vit_pooled_and_dense_shapes_any_size(size: tuple[int, int]) -> None:
         assert fmap.shape == (2, c, size[0] // s, size[1] // s)
     assert bb.dense_indices == [2, 5, 8, 11]
     assert torch.isfinite(pooled).all()
+
+
+def test_registry_timm_kwargs_reach_the_model() -> None:
+    # vit_tiny_patch8 is timm's vit_tiny_patch16_224 built with patch_size=8: 64 tokens at 64 px
+    bb = create_backbone("vit_tiny_patch8", img_size=64).eval()
+    with torch.no_grad():
+        dense = bb.forward_dense(torch.rand(1, 1, 64, 64))
+    assert bb.patch_size == 8 and bb.embed_dim == 192
+    assert dense[-1].shape == (1, 192, 8, 8)
+    assert bb.model.pos_embed.shape == (1, 1 + 64, 192)
 
 
 def test_vit_rejects_bad_input() -> None:

@@ -14,7 +14,7 @@ A new backbone is one :func:`register_backbone` line at the bottom of this modul
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,12 @@ from xrayfm.conventions import PIXEL_MEAN, PIXEL_STD
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """One registry entry: our name, the timm model name and its family."""
+    """One registry entry: our name, the timm model name, its family and extra timm arguments."""
 
     name: str
     timm_name: str
     family: str  # "vit" or "resnet"
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -46,11 +47,12 @@ _KEY_PREFIXES = ("module.", "backbone.", "teacher.", "student.", "model.", "enco
 _CONTAINER_KEYS = ("teacher", "state_dict", "model", "student", "backbone")
 
 
-def register_backbone(name: str, timm_name: str, family: str) -> None:
-    """Register backbone ``name`` built from timm model ``timm_name`` (family "vit" or "resnet")."""
+def register_backbone(name: str, timm_name: str, family: str, **timm_kwargs: Any) -> None:
+    """Register backbone ``name`` built from timm model ``timm_name`` (family "vit" or "resnet");
+    ``timm_kwargs`` (e.g. ``patch_size=8``) go to ``timm.create_model``."""
     if family not in ("vit", "resnet"):
         raise ValueError(f"backbone {name}: family must be 'vit' or 'resnet', got {family!r}")
-    _REGISTRY[name] = BackboneSpec(name, timm_name, family)
+    _REGISTRY[name] = BackboneSpec(name, timm_name, family, dict(timm_kwargs))
 
 
 def backbone_spec(name: str) -> BackboneSpec:
@@ -173,7 +175,7 @@ def create_backbone(arch: str, img_size: int = 224, drop_path_rate: float = 0.0,
     """Build registered backbone ``arch`` for one-channel input; optionally load local weights."""
     spec = backbone_spec(arch)
     kwargs: dict[str, Any] = {"pretrained": False, "in_chans": 1, "num_classes": 0,
-                              "drop_path_rate": drop_path_rate}
+                              "drop_path_rate": drop_path_rate, **spec.timm_kwargs}
     if spec.family == "vit":
         kwargs.update(img_size=img_size, dynamic_img_size=True, attn_layer=AutocastAttention)
     model = timm.create_model(spec.timm_name, **kwargs)
@@ -274,5 +276,6 @@ register_backbone("vit_tiny_patch16", "vit_tiny_patch16_224", "vit")
 register_backbone("vit_small_patch16", "vit_small_patch16_224", "vit")
 register_backbone("vit_base_patch16", "vit_base_patch16_224", "vit")
 register_backbone("vit_small_patch8", "vit_small_patch8_224", "vit")
+register_backbone("vit_tiny_patch8", "vit_tiny_patch16_224", "vit", patch_size=8)  # 64 tokens at 64 px
 register_backbone("resnet18", "resnet18", "resnet")
 register_backbone("resnet50", "resnet50", "resnet")
