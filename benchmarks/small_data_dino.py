@@ -71,13 +71,18 @@ class Prober:
 
 
 class TeacherStudentMonitor:
-    """The trainer's per-epoch monitor: probes the teacher it is given and the trainer's student."""
+    """The trainer's per-epoch monitor: probes the teacher it is given and the trainer's student
+    after every ``every``-th epoch and the last one (an empty record otherwise)."""
 
-    def __init__(self, probe: Prober) -> None:
-        self.probe = probe
+    def __init__(self, probe: Prober, epochs: int, every: int = 1) -> None:
+        self.probe, self.epochs, self.every = probe, epochs, every
         self.trainer: Trainer | None = None
+        self.calls = 0
 
     def __call__(self, teacher: torch.nn.Module) -> dict[str, float]:
+        self.calls += 1
+        if self.calls % self.every and self.calls != self.epochs:
+            return {}
         student = self.probe(self.trainer.method.student.backbone)  # type: ignore[union-attr]
         return {**self.probe(teacher), **{f"student_{k}": v for k, v in student.items()}}
 
@@ -90,6 +95,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--exp", action="append", required=True, help="NAME=JSON config overrides")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--probe-every", type=int, default=1, help="probe after every N-th epoch (and the last)")
     ap.add_argument("--workdir", default="/tmp/small_data_dino")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -122,12 +128,12 @@ def main() -> None:
         cfg = PretrainConfig(**kw)
         out = Path(args.workdir, name)
         shutil.rmtree(out, ignore_errors=True)
-        monitor = TeacherStudentMonitor(probe)
+        monitor = TeacherStudentMonitor(probe, cfg.epochs, args.probe_every)
         t0 = time.perf_counter()
         monitor.trainer = Trainer(cfg, out, source, show_progress=False, monitor=monitor)
         monitor.trainer.fit()
         logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        epochs = [json.loads(line) for line in (out / "monitor.jsonl").read_text().splitlines()]
+        epochs = [e for line in (out / "monitor.jsonl").read_text().splitlines() if "knn" in (e := json.loads(line))]
         for e in epochs:
             print(f"{name} epoch {e['epoch']}: teacher kNN {e['knn']:.3f} (centred {e['knn_centred']:.3f}, "
                   f"linear {e['linear']:.3f}); student kNN {e['student_knn']:.3f} "

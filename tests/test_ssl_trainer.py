@@ -42,6 +42,23 @@ def test_steps_on_a_fixed_batch_reduce_the_loss(tmp_path: Path) -> None:
     assert np.mean(losses[-3:]) < losses[0] - 0.05, losses
 
 
+def test_freeze_patch_embed_keeps_the_random_projection(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_cfg(freeze_patch_embed=True, freeze_last_layer_epochs=0), tmp_path, real_xrays(8),
+                      show_progress=False)
+    student = trainer.method.student.backbone.model
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer.fit()
+    after = student.state_dict()
+    assert torch.equal(after["patch_embed.proj.weight"], before["patch_embed.proj.weight"])
+    assert torch.equal(after["patch_embed.proj.bias"], before["patch_embed.proj.bias"])
+    assert not torch.equal(after["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
+    teacher = trainer.method.trained_backbone().model.state_dict()
+    assert torch.equal(teacher["patch_embed.proj.weight"], before["patch_embed.proj.weight"])
+    with pytest.raises(ConfigError, match="freeze_patch_embed applies to ViT"):
+        Trainer(tiny_cfg(arch="resnet18", freeze_patch_embed=True), tmp_path / "r", real_xrays(8),
+                show_progress=False)
+
+
 def test_fit_writes_run_folder_and_exports_backbone(tmp_path: Path) -> None:
     trainer = Trainer(tiny_cfg(), tmp_path, real_xrays(8), show_progress=False)
     summary = trainer.fit()

@@ -22,6 +22,7 @@ class PretrainConfig:
     method: str = "dino"
     init: str | None = None          # local timm / DINO / HF weights to start from
     drop_path_rate: float = 0.1
+    freeze_patch_embed: bool = False  # ViT only: keep the random patch projection (MoCo v3's stabiliser)
     # head and loss
     out_dim: int = 4096
     hidden_dim: int = 2048

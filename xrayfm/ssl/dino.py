@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xrayfm.models.backbones import Backbone, ResNetBackbone, create_backbone
+from xrayfm.config import ConfigError
+from xrayfm.models.backbones import Backbone, ResNetBackbone, ViTBackbone, create_backbone
 from xrayfm.ssl.config import PretrainConfig
 from xrayfm.ssl.multicrop import MultiCropTransform, collate_crops
 from xrayfm.ssl.registry import Progress, SSLMethod, register_method
@@ -207,6 +208,10 @@ class DinoMethod(SSLMethod):
                                      pretrained_path=cfg.init)
         teacher_bb = create_backbone(cfg.arch, img_size=cfg.global_size)
         teacher_bb.load_state_dict(student_bb.state_dict())
+        if cfg.freeze_patch_embed:
+            if not isinstance(student_bb, ViTBackbone):
+                raise ConfigError(f"freeze_patch_embed applies to ViT backbones, not {cfg.arch}; set it to false")
+            student_bb.model.patch_embed.requires_grad_(False)
 
         def head() -> DinoHead:
             return DinoHead(student_bb.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
