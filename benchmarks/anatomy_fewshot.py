@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
+from common import balanced_region_accuracy, resized_source
 
 from xrayfm.cli.demo import SMALL_DATA_PRETRAIN
 from xrayfm.config import atomic_write_text, versions
@@ -54,7 +54,7 @@ from xrayfm.tasks.base import get_task
 from xrayfm.tasks.classify import knn_scores
 from xrayfm.tasks.data import LabeledImage, load_labeled_images
 from xrayfm.tasks.evaluate import pooled_features
-from xrayfm.tasks.metrics import balanced_accuracy, confusion_matrix, segmentation_metrics
+from xrayfm.tasks.metrics import segmentation_metrics
 from xrayfm.tasks.train import HeadTrainConfig, predict_items, train_head
 
 SHOTS = (3, 6, 12, 24)
@@ -108,9 +108,8 @@ def region_knn(backbone: torch.nn.Module, bank: list[LabeledImage], query: list[
     """Class-balanced weighted kNN accuracy of body region, pooled features at the global crop size."""
     fb, fq = pooled_features(backbone, bank, GLOBAL), pooled_features(backbone, query, GLOBAL)
     yb = torch.tensor([it.region_index for it in bank])
-    pred = knn_scores(fb, yb, fq, len(REGIONS)).argmax(1).numpy()
-    cm = confusion_matrix(np.array([it.region_index for it in query]), pred, len(REGIONS))
-    return round(balanced_accuracy(cm), 4)
+    return balanced_region_accuracy(np.array([it.region_index for it in query]),
+                                    knn_scores(fb, yb, fq, len(REGIONS)).numpy())
 
 
 def fewshot(backbone: torch.nn.Module, pool: list[LabeledImage], test: list[LabeledImage], shots: int,
@@ -190,8 +189,7 @@ def main() -> None:
     backbones: dict[str, torch.nn.Module] = {}
     pretrain: dict[str, Any] = {}
     side = int(GLOBAL * 1.5)  # as small_data_dino.py: crops from images held at 1.5 x the global crop
-    unlabeled = [{"image": F.interpolate(torch.from_numpy(it.image)[None, None].float(), size=(side, side),
-                                         mode="area")[0]} for it in pool]
+    unlabeled = resized_source(pool, side)
     for name in methods:
         out = args.work / f"recipe_{name}_{args.arch}_{data_name}_e{epochs}_b{batch}{quick_tag}"
         summary = train(pretrain_cfg(name, args.arch, epochs, batch, 0), out, unlabeled)  # a finished run is reused

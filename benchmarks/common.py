@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from xrayfm.models import create_backbone, load_backbone
 from xrayfm.synth.regions import REGIONS
+from xrayfm.tasks.data import LabeledImage
+from xrayfm.tasks.metrics import balanced_accuracy, confusion_matrix
 
 
 def backbone_from_spec(spec: str) -> tuple[str, torch.nn.Module]:
@@ -32,3 +35,14 @@ def linear_probe_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray) -> np
     scores = np.zeros((len(fte), len(REGIONS)))
     scores[:, pipe.classes_.astype(int)] = pipe.predict_proba(fte)
     return scores
+
+
+def resized_source(items: list[LabeledImage], side: int) -> list[dict[str, torch.Tensor]]:
+    """Unlabelled pretraining items: each image area-resized to ``side`` x ``side`` and held in memory."""
+    return [{"image": F.interpolate(torch.from_numpy(it.image)[None, None].float(), size=(side, side),
+                                    mode="area")[0]} for it in items]
+
+
+def balanced_region_accuracy(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Class-balanced accuracy over all REGIONS of the argmax of ``scores``, rounded to 4 places."""
+    return round(balanced_accuracy(confusion_matrix(y_true, scores.argmax(1), len(REGIONS))), 4)

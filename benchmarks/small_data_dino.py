@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from common import linear_probe_scores
+from common import balanced_region_accuracy, linear_probe_scores, resized_source
 
 from xrayfm.cli.demo import SMALL_DATA_PRETRAIN
 from xrayfm.config import atomic_write_text, versions
@@ -42,7 +42,6 @@ from xrayfm.synth.regions import REGIONS
 from xrayfm.tasks.classify import knn_scores
 from xrayfm.tasks.data import LabeledImage, load_labeled_images
 from xrayfm.tasks.evaluate import pooled_features
-from xrayfm.tasks.metrics import balanced_accuracy, confusion_matrix
 
 RESULTS = Path(__file__).resolve().parent / "results" / "small_data_dino.json"
 
@@ -56,8 +55,7 @@ class Prober:
         self.y_query = np.array([it.region_index for it in query])
 
     def balanced(self, scores: np.ndarray) -> float:
-        cm = confusion_matrix(self.y_query, scores.argmax(1), len(REGIONS))
-        return round(balanced_accuracy(cm), 4)
+        return balanced_region_accuracy(self.y_query, scores)
 
     def __call__(self, backbone: torch.nn.Module) -> dict[str, float]:
         fb, fq = pooled_features(backbone, self.bank, self.size), pooled_features(backbone, self.query, self.size)
@@ -106,9 +104,7 @@ def main() -> None:
     if not train or not val:
         raise SystemExit(f"{args.lake}: needs labelled train and val images (got {len(train)} / {len(val)})")
     side = int(args.size * 1.5)
-    images = [F.interpolate(torch.from_numpy(it.image)[None, None].float(), size=(side, side), mode="area")[0]
-              for it in train]
-    source = [{"image": img} for img in images]
+    source = resized_source(train, side)
     probe = Prober(train, val, args.size)
     torch.manual_seed(0)
     random_init = probe(create_backbone(args.arch, img_size=args.size))
