@@ -15,11 +15,12 @@ from xrayfm.tasks.metrics import balanced_accuracy, confusion_matrix
 
 
 def backbone_from_spec(spec: str) -> tuple[str, torch.nn.Module]:
-    """``NAME=PATH`` or ``PATH`` (a pretrain run / exported bundle) or ``random:ARCH`` (random
-    init, seed 0); returns (label, backbone)."""
+    """``NAME=PATH`` or ``PATH`` (a pretrain run / exported bundle) or ``random:ARCH[:INPUT_NORM]``
+    (random init, seed 0, input_norm ``fixed`` unless given); returns (label, backbone)."""
     if spec.startswith("random:"):
         torch.manual_seed(0)
-        return spec, create_backbone(spec.split(":", 1)[1])
+        arch, _, input_norm = spec.split(":", 1)[1].partition(":")
+        return spec, create_backbone(arch, input_norm=input_norm or "fixed")
     name, _, path = spec.partition("=")
     return (name if path else Path(spec).name), load_backbone(path or spec)[0]
 

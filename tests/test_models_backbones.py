@@ -13,7 +13,8 @@ import torch
 from xray_images import unit_pixels
 
 from xrayfm.models import create_backbone, export_backbone, list_backbones, load_backbone
-from xrayfm.models.backbones import read_state_dict
+from xrayfm.models.backbones import equalize, read_state_dict
+from xrayfm.ssl import PretrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,6 +156,51 @@ def test_export_then_load_backbone_gives_same_outputs(tmp_path: Path) -> None:
     again = create_backbone("vit_tiny_patch16", img_size=64, pretrained_path=str(tmp_path / "bundle")).eval()
     with torch.no_grad():
         assert torch.equal(bb(x), again(x))
+
+
+def test_equalize_maps_each_image_to_its_intensity_ranks() -> None:
+    x = real_xray(64)
+    y = equalize(x)
+    assert abs(float(y.mean())) < 1e-5 and 0.8 < float(y.var(unbiased=False)) <= 1.0  # ties lower the variance
+    assert abs(float(equalize(torch.rand(1, 1, 64, 64)).var(unbiased=False)) - 1) < 0.01
+    # any increasing intensity map (window/level, gamma, contrast) leaves the ranks in place, up to
+    # the 4096-bin quantisation merging neighbouring values that the map compresses
+    for mapped in (0.4 * x + 0.3, x**0.6, torch.sigmoid(8 * (x - 0.5))):
+        assert (equalize(mapped) - y).abs().mean() < 0.02
+        assert ((mapped - x) / 0.25).abs().mean() > 0.15  # what the fixed normalisation sees
+    # ties share one value (flat collimator borders do not become ramps); a flat image maps to 0
+    z = x.clone()
+    z[..., :, :10] = 0.0
+    ez = equalize(z)
+    assert torch.unique(ez[..., :, :10]).numel() == 1
+    assert torch.equal(equalize(torch.full((2, 1, 16, 16), 0.7)), torch.zeros(2, 1, 16, 16))
+    # the order of pixels is what counts: brighter stays brighter
+    flat, eflat = x.flatten(), y.flatten()
+    i, j = flat.argmin(), flat.argmax()
+    assert eflat[i] < 0 < eflat[j]
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16", "resnet18"])
+def test_equalize_backbone_ignores_window_and_gamma_and_round_trips(arch: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    bb = create_backbone(arch, img_size=64, input_norm="equalize").eval()
+    fixed = create_backbone(arch, img_size=64).eval()
+    fixed.load_state_dict(bb.state_dict())
+    x = real_xray(64)
+    windowed = (0.5 * x + 0.2) ** 0.8
+    with torch.no_grad():
+        cos_eq = torch.cosine_similarity(bb(x), bb(windowed)).item()
+        cos_fixed = torch.cosine_similarity(fixed(x), fixed(windowed)).item()
+    assert cos_eq > 0.99 and cos_eq > cos_fixed
+    export_backbone(bb, tmp_path / "eq", img_size=64)
+    loaded, card = load_backbone(str(tmp_path / "eq"))
+    assert card["input_norm"] == "equalize" and loaded.input_norm == "equalize"
+    with torch.no_grad():
+        assert torch.equal(bb(x), loaded(x))
+    with pytest.raises(ValueError, match="input_norm must be one of fixed, equalize"):
+        create_backbone(arch, input_norm="zscore")
+    with pytest.raises(ValueError, match="input_norm"):
+        PretrainConfig(input_norm="zscore").validate()
 
 
 def test_vit_under_cpu_autocast_keeps_attention_fp32_and_matches() -> None:

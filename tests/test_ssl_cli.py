@@ -43,7 +43,8 @@ def test_pretrain_cli_trains_resumes_and_exports(lake: str, tmp_path: Path,
     out = tmp_path / "run"
     args = ["pretrain", "--lake", lake, "--out", str(out), "--arch", "vit_tiny_patch16", "--split", "all",
             "--epochs", "2", "--batch-size", "2", "--global-size", "32", "--local-size", "16",
-            "--n-local", "2", "--out-dim", "64", "--num-workers", "0", "--precision", "fp32"]
+            "--n-local", "2", "--out-dim", "64", "--num-workers", "0", "--precision", "fp32",
+            "--input-norm", "equalize"]
     assert _run(args + ["--max-steps", "1"]) == 0
     assert "pretrained 1/" in capsys.readouterr().out
     assert _run(args + ["--resume"]) == 0
@@ -52,10 +53,13 @@ def test_pretrain_cli_trains_resumes_and_exports(lake: str, tmp_path: Path,
     card = json.loads((out / "model_card.json").read_text())
     assert card["finished"] and card["training_data"]["lake"] == lake
     assert card["training_data"]["n_images"] >= 2 and card["config"]["arch"] == "vit_tiny_patch16"
+    assert card["input_norm"] == "equalize" == card["config"]["input_norm"]
     for name in ("config.yaml", "run.json", "metrics.jsonl", "checkpoint.pth"):
         assert (out / name).is_file()
     model, _ = load_backbone(str(out))
-    assert model(torch.rand(1, 1, 32, 32)).shape == (1, 192)
+    assert model.input_norm == "equalize"
+    x = torch.rand(1, 1, 32, 32)
+    assert model(x).shape == (1, 192) and torch.allclose(model(x), model(0.5 * x + 0.1), atol=0.01)
 
 
 def test_pretrain_cli_errors_are_one_line(lake: str, tmp_path: Path,
@@ -64,6 +68,7 @@ def test_pretrain_cli_errors_are_one_line(lake: str, tmp_path: Path,
     cases = [
         (["--arch", "vit_giant"], "unknown arch"),
         (["--precision", "fp8"], "precision"),
+        (["--input-norm", "zscore"], "input_norm must be one of fixed, equalize"),
         (["--where", "modality = 'NOPE'", "--split", "all"], "has no images"),
         (["--resume", "--split", "all"], "does not exist"),
         (["--init", str(tmp_path / "missing.pth"), "--arch", "vit_tiny_patch16", "--split", "all"],

@@ -1,7 +1,9 @@
 """Backbone registry over timm: single-channel X-ray encoders with pooled and dense outputs.
 
 Every backbone takes ``(B, 1, H, W)`` float images in ``[0, 1]`` (``xrayfm.conventions``) and
-normalises them with ``PIXEL_MEAN`` / ``PIXEL_STD`` itself, so callers never normalise.
+normalises them itself, so callers never normalise: ``input_norm="fixed"`` with ``PIXEL_MEAN`` /
+``PIXEL_STD``, ``"equalize"`` by histogram-equalising each image (:func:`equalize`), which makes the
+features blind to brightness, contrast, window/level and gamma and leaves only image structure.
 
 * ViT: dynamic image size (positional embedding interpolated), so 224-px global and 96-px local
   crops go through the same weights. ``forward`` = CLS token after the final norm; dense = patch
@@ -14,6 +16,7 @@ A new backbone is one :func:`register_backbone` line at the bottom of this modul
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ class BackboneSpec:
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
+INPUT_NORMS = ("fixed", "equalize")
 
 # Prefixes found in checkpoints of DINO (module./backbone./teacher./student.), DDP, Lightning
 # (model./encoder.) and our own trainer; stripped repeatedly from the front of every key.
@@ -91,6 +95,20 @@ class AutocastAttention(Attention):
         return self.proj_drop(self.proj(self.norm(out.transpose(1, 2).reshape(b, n, self.attn_dim))))
 
 
+def equalize(x: Tensor, bins: int = 4096) -> Tensor:
+    """Histogram-equalise each image and channel of ``x`` (values in [0, 1]): a pixel becomes the
+    fraction of its image's pixels below it, ties counted half (so equal values stay equal and a
+    constant image maps to 0), rescaled to mean 0 and variance 1 (less where values tie). Any strictly increasing intensity
+    map of the input leaves the output unchanged, up to the ``bins`` quantisation."""
+    b, c, h, w = x.shape
+    q = (x.detach().float().clamp(0, 1) * (bins - 1)).round().long().reshape(b * c, h * w)
+    offset = torch.arange(b * c, device=x.device).unsqueeze(1) * bins
+    hist = torch.bincount((q + offset).reshape(-1), minlength=b * c * bins).reshape(b * c, bins).float()
+    below = hist.cumsum(1) - 0.5 * hist
+    u = below.gather(1, q) / (h * w)
+    return ((u - 0.5) * math.sqrt(12.0)).reshape(b, c, h, w)
+
+
 class Backbone(nn.Module):
     """Single-channel encoder: ``forward`` gives ``(B, embed_dim)``, ``forward_dense`` a feature pyramid."""
 
@@ -100,16 +118,21 @@ class Backbone(nn.Module):
     dense_channels: list[int]
     dense_strides: list[int]
 
-    def __init__(self, arch: str, model: nn.Module) -> None:
+    def __init__(self, arch: str, model: nn.Module, input_norm: str = "fixed") -> None:
         super().__init__()
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"{arch}: input_norm must be one of {', '.join(INPUT_NORMS)}, got {input_norm!r}")
         self.arch = arch
         self.model = model
+        self.input_norm = input_norm
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD), persistent=False)
 
     def normalise(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != 1:
             raise ValueError(f"{self.arch}: expected input of shape (B, 1, H, W), got {tuple(x.shape)}")
+        if self.input_norm == "equalize":
+            return equalize(x).to(x.dtype)
         return (x - self.pixel_mean) / self.pixel_std
 
     def forward_dense(self, x: Tensor) -> list[Tensor]:
@@ -120,8 +143,8 @@ class Backbone(nn.Module):
 class ViTBackbone(Backbone):
     """timm VisionTransformer with dynamic image size; CLS token pooled, patch grids dense."""
 
-    def __init__(self, arch: str, model: nn.Module, n_dense: int = 4) -> None:
-        super().__init__(arch, model)
+    def __init__(self, arch: str, model: nn.Module, input_norm: str = "fixed", n_dense: int = 4) -> None:
+        super().__init__(arch, model, input_norm)
         self.embed_dim = int(model.embed_dim)
         self.patch_size = int(model.patch_embed.patch_size[0])
         depth = len(model.blocks)
@@ -153,8 +176,8 @@ class ViTBackbone(Backbone):
 class ResNetBackbone(Backbone):
     """timm ResNet; global average pool pooled, the four stages dense."""
 
-    def __init__(self, arch: str, model: nn.Module) -> None:
-        super().__init__(arch, model)
+    def __init__(self, arch: str, model: nn.Module, input_norm: str = "fixed") -> None:
+        super().__init__(arch, model, input_norm)
         self.embed_dim = int(model.num_features)
         self.patch_size = None
         stages = [f for f in model.feature_info if f["module"].startswith("layer")]
@@ -171,15 +194,17 @@ class ResNetBackbone(Backbone):
 
 
 def create_backbone(arch: str, img_size: int = 224, drop_path_rate: float = 0.0,
-                    pretrained_path: str | None = None) -> Backbone:
-    """Build registered backbone ``arch`` for one-channel input; optionally load local weights."""
+                    pretrained_path: str | None = None, input_norm: str = "fixed") -> Backbone:
+    """Build registered backbone ``arch`` for one-channel input (normalised by ``input_norm``, one of
+    :data:`INPUT_NORMS`); optionally load local weights."""
     spec = backbone_spec(arch)
     kwargs: dict[str, Any] = {"pretrained": False, "in_chans": 1, "num_classes": 0,
                               "drop_path_rate": drop_path_rate, **spec.timm_kwargs}
     if spec.family == "vit":
         kwargs.update(img_size=img_size, dynamic_img_size=True, attn_layer=AutocastAttention)
     model = timm.create_model(spec.timm_name, **kwargs)
-    backbone: Backbone = ViTBackbone(arch, model) if spec.family == "vit" else ResNetBackbone(arch, model)
+    family = ViTBackbone if spec.family == "vit" else ResNetBackbone
+    backbone: Backbone = family(arch, model, input_norm)
     if pretrained_path is not None:
         load_pretrained(backbone, pretrained_path)
     return backbone

@@ -22,7 +22,8 @@ CARD_NAME = "model_card.json"
 CARD_VERSION = 1
 INTENSITY_CONVENTION = (
     "input (B, 1, H, W) float in [0, 1], dense tissue bright (MONOCHROME2 display); the model "
-    f"normalises internally with mean {PIXEL_MEAN} and std {PIXEL_STD}"
+    f"normalises internally: input_norm 'fixed' with mean {PIXEL_MEAN} and std {PIXEL_STD}, "
+    "'equalize' by histogram-equalising each image"
 )
 
 
@@ -45,6 +46,7 @@ def export_backbone(backbone: Backbone, out_dir: str | Path, img_size: int,
         "intensity_convention": INTENSITY_CONVENTION,
         "pixel_mean": PIXEL_MEAN,
         "pixel_std": PIXEL_STD,
+        "input_norm": backbone.input_norm,
         "input_size": img_size,
         "patch_size": backbone.patch_size,
         "embed_dim": backbone.embed_dim,
@@ -86,7 +88,8 @@ def load_backbone(path: str) -> tuple[Backbone, dict[str, Any]]:
     weights = folder / card["weights"]
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} named by {card_path} does not exist; re-export the backbone")
-    backbone = create_backbone(card["arch"], img_size=int(card["input_size"]))
+    backbone = create_backbone(card["arch"], img_size=int(card["input_size"]),
+                               input_norm=card.get("input_norm", "fixed"))
     state = load_file(str(weights))
     try:
         backbone.model.load_state_dict(state, strict=True)

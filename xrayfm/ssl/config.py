@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from xrayfm.config import ConfigError
+from xrayfm.models.backbones import INPUT_NORMS
 from xrayfm.ssl.anatomy_views import AnatomyConfig
 from xrayfm.ssl.multicrop import AugmentConfig
 
@@ -23,6 +24,7 @@ class PretrainConfig:
     init: str | None = None          # local timm / DINO / HF weights to start from
     drop_path_rate: float = 0.1
     freeze_patch_embed: bool = False  # ViT only: keep the random patch projection (MoCo v3's stabiliser)
+    input_norm: str = "fixed"        # fixed (PIXEL_MEAN / PIXEL_STD) | equalize (per-image histogram)
     # head and loss
     out_dim: int = 4096
     hidden_dim: int = 2048
@@ -76,6 +78,8 @@ class PretrainConfig:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ConfigError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ConfigError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got {self.input_norm!r}")
         if self.centering not in ("ema", "sinkhorn"):
             raise ConfigError(f"centering must be ema or sinkhorn, got {self.centering!r}")
         if self.koleo_weight < 0:

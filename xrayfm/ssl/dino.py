@@ -205,8 +205,8 @@ class DinoMethod(SSLMethod):
         super().__init__()
         self.cfg = cfg
         student_bb = create_backbone(cfg.arch, img_size=cfg.global_size, drop_path_rate=cfg.drop_path_rate,
-                                     pretrained_path=cfg.init)
-        teacher_bb = create_backbone(cfg.arch, img_size=cfg.global_size)
+                                     pretrained_path=cfg.init, input_norm=cfg.input_norm)
+        teacher_bb = create_backbone(cfg.arch, img_size=cfg.global_size, input_norm=cfg.input_norm)
         teacher_bb.load_state_dict(student_bb.state_dict())
         if cfg.freeze_patch_embed:
             if not isinstance(student_bb, ViTBackbone):
