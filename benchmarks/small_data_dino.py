@@ -34,7 +34,7 @@ from common import balanced_region_accuracy, linear_probe_scores, resized_source
 
 from xrayfm.cli.demo import SMALL_DATA_PRETRAIN
 from xrayfm.config import atomic_write_text, versions
-from xrayfm.models.backbones import create_backbone
+from xrayfm.models.backbones import INPUT_NORMS, create_backbone
 from xrayfm.ssl.config import PretrainConfig
 from xrayfm.ssl.multicrop import AugmentConfig
 from xrayfm.ssl.trainer import Trainer
@@ -93,8 +93,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--exp", action="append", required=True, help="NAME=JSON config overrides")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--input-norm", default="fixed", help="the backbones' input_norm (fixed | equalize), "
-                    "random init included")
+    ap.add_argument("--input-norm", choices=INPUT_NORMS, help="the backbones' input_norm, random init "
+                    "included (default: the recipe's)")
     ap.add_argument("--probe-every", type=int, default=1, help="probe after every N-th epoch (and the last)")
     ap.add_argument("--workdir", default="/tmp/small_data_dino")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -109,12 +109,14 @@ def main() -> None:
     source = resized_source(train, side)
     probe = Prober(train, val, args.size)
     torch.manual_seed(0)
-    random_init = probe(create_backbone(args.arch, img_size=args.size, input_norm=args.input_norm))
+    recipe = yaml.safe_load(SMALL_DATA_PRETRAIN)
+    input_norm = args.input_norm or recipe.get("input_norm", "fixed")
+    random_init = probe(create_backbone(args.arch, img_size=args.size, input_norm=input_norm))
     print(f"n_train={len(train)} n_val={len(val)} {args.arch} random init: {random_init}", flush=True)
     base: dict[str, Any] = {"arch": args.arch, "epochs": 8, "batch_size": 32, "global_size": args.size,
                             "local_size": args.size // 2, "n_local": 0, "out_dim": 1024, "num_workers": 0,
-                            "log_every": 5, "checkpoint_every": 10**6, **yaml.safe_load(SMALL_DATA_PRETRAIN),
-                            "input_norm": args.input_norm}
+                            "log_every": 5, "checkpoint_every": 10**6, **recipe,
+                            "input_norm": input_norm}
     runs: dict[str, Any] = {}
     result = {"lake": args.lake, "arch": args.arch, "size": args.size, "n_train": len(train), "n_val": len(val),
               "base": {k: v for k, v in base.items() if k != "augment"} | {"augment": base.get("augment", {})},
