@@ -98,8 +98,9 @@ class AutocastAttention(Attention):
 def equalize(x: Tensor, bins: int = 4096) -> Tensor:
     """Histogram-equalise each image and channel of ``x`` (values in [0, 1]): a pixel becomes the
     fraction of its image's pixels below it, ties counted half (so equal values stay equal and a
-    constant image maps to 0), rescaled to mean 0 and variance 1 (less where values tie). Any strictly increasing intensity
-    map of the input leaves the output unchanged, up to the ``bins`` quantisation."""
+    constant image maps to 0), rescaled to mean 0 and variance 1 (less where values tie). Any
+    strictly increasing intensity map of the input leaves the output unchanged, up to the ``bins``
+    quantisation."""
     b, c, h, w = x.shape
     q = (x.detach().float().clamp(0, 1) * (bins - 1)).round().long().reshape(b * c, h * w)
     offset = torch.arange(b * c, device=x.device).unsqueeze(1) * bins
