@@ -236,6 +236,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--archs", default="vit_tiny_patch16,resnet18")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = torch's default)")
+    ap.add_argument("--precisions", default="fp32,bf16",
+                    help="variants to time: fp32 alone where the CPU has no fast bf16 (emulated bf16 is slow)")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure each variant's peak memory in a fresh process")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -251,11 +253,13 @@ def main() -> None:
         "setup": f"batch {BATCH}, {N_GLOBAL}x{G} + {N_LOCAL}x{L} crops, out_dim {OUT_DIM}, 1 channel",
         "method": f"variants interleaved step by step for {args.rounds} rounds after 2 warm-up steps; "
                   "best = fastest step (least disturbed by other jobs), median = median step",
-        "threads": torch.get_num_threads(), "load_avg_1min_before": os.getloadavg()[0],
+        "threads": torch.get_num_threads(), "cpu_fast_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "load_avg_1min_before": os.getloadavg()[0],
         "versions": versions(), "archs": {}}
     for arch in args.archs.split(","):
         gflop = flops_per_image(arch) / 1e9
-        makers = variant_makers(arch)
+        makers = {name: make for name, make in variant_makers(arch).items()
+                  if name.rsplit("_", 1)[1] in args.precisions.split(",")}
         if "lightly_fp32" not in makers:
             print("lightly is not installed (pip install -e '.[bench]'): measuring the re-implementation only")
         steps = {name: make() for name, make in makers.items()}
