@@ -202,8 +202,8 @@ def main() -> None:
                           "run": str(out)}
         print(summary.line())
     torch.manual_seed(0)
-    backbones["random"] = create_backbone(args.arch, img_size=GLOBAL,
-                                          input_norm=yaml.safe_load(SMALL_DATA_PRETRAIN).get("input_norm", "fixed")).eval()
+    input_norm = pretrain_cfg("dino", args.arch, epochs, batch, 0).input_norm  # fed like the pretrained runs
+    backbones["random"] = create_backbone(args.arch, img_size=GLOBAL, input_norm=input_norm).eval()
 
     knn = {name: region_knn(bb, pool, test_all) for name, bb in backbones.items()} if args.lake else {}
     if knn:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from xrayfm.models import create_backbone, load_backbone
 from xrayfm.synth.regions import REGIONS
-from xrayfm.tasks.data import LabeledImage
+from xrayfm.tasks.data import LabeledImage, load_labeled_images
 from xrayfm.tasks.metrics import balanced_accuracy, confusion_matrix
 
 
@@ -23,6 +23,18 @@ def backbone_from_spec(spec: str) -> tuple[str, torch.nn.Module]:
         return spec, create_backbone(arch, input_norm=input_norm or "fixed")
     name, _, path = spec.partition("=")
     return (name if path else Path(spec).name), load_backbone(path or spec)[0]
+
+
+def bank_and_query(lake: str, labels: str,
+                   query_split: str = "val") -> tuple[list[LabeledImage], list[LabeledImage]]:
+    """The lake's labelled train split (kNN bank / training set) and ``query_split``; exits with a
+    one-line message when either is empty."""
+    bank, _ = load_labeled_images(lake, labels, "train")
+    query, _ = load_labeled_images(lake, labels, query_split)
+    if not bank or not query:
+        raise SystemExit(f"{lake}: needs labelled train and {query_split} images "
+                         f"(got {len(bank)} / {len(query)})")
+    return bank, query
 
 
 def linear_probe_scores(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray) -> np.ndarray:

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import backbone_from_spec, balanced_region_accuracy, linear_probe_scores
+from common import backbone_from_spec, balanced_region_accuracy, bank_and_query, linear_probe_scores
 
 from xrayfm.config import atomic_write_text, versions
 from xrayfm.synth.regions import REGIONS
 from xrayfm.tasks.classify import knn_scores
-from xrayfm.tasks.data import LabeledImage, load_labeled_images
+from xrayfm.tasks.data import LabeledImage
 from xrayfm.tasks.evaluate import pooled_features
 
 RESULTS = Path(__file__).resolve().parent / "results" / "feature_content.json"
@@ -87,10 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    bank, _ = load_labeled_images(args.lake, args.labels, "train")
-    query, _ = load_labeled_images(args.lake, args.labels, "val")
-    if not bank or not query:
-        raise SystemExit(f"{args.lake}: needs labelled train and val images (got {len(bank)} / {len(query)})")
+    bank, query = bank_and_query(args.lake, args.labels)
     result = {"lake": args.lake, "size": args.size, "n_bank": len(bank), "n_query": len(query),
               "versions": versions(), "backbones": {}}
     for spec in args.backbones:

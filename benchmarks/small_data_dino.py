@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from common import balanced_region_accuracy, linear_probe_scores, resized_source
+from common import balanced_region_accuracy, bank_and_query, linear_probe_scores, resized_source
 
 from xrayfm.cli.demo import SMALL_DATA_PRETRAIN
 from xrayfm.config import atomic_write_text, versions
@@ -40,7 +40,7 @@ from xrayfm.ssl.multicrop import AugmentConfig
 from xrayfm.ssl.trainer import Trainer
 from xrayfm.synth.regions import REGIONS
 from xrayfm.tasks.classify import knn_scores
-from xrayfm.tasks.data import LabeledImage, load_labeled_images
+from xrayfm.tasks.data import LabeledImage
 from xrayfm.tasks.evaluate import pooled_features
 
 RESULTS = Path(__file__).resolve().parent / "results" / "small_data_dino.json"
@@ -101,10 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    train, _ = load_labeled_images(args.lake, args.labels, "train")
-    val, _ = load_labeled_images(args.lake, args.labels, "val")
-    if not train or not val:
-        raise SystemExit(f"{args.lake}: needs labelled train and val images (got {len(train)} / {len(val)})")
+    train, val = bank_and_query(args.lake, args.labels)
     side = int(args.size * 1.5)
     source = resized_source(train, side)
     probe = Prober(train, val, args.size)
