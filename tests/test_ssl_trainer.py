@@ -182,3 +182,16 @@ def test_checkpoint_older_than_a_config_key_resumes_with_its_default(tmp_path: P
     assert train(tiny_cfg(max_steps=2), tmp_path, items, show_progress=False).resumed_from == 1
     with pytest.raises(ConfigError, match="koleo_weight"):
         train(tiny_cfg(max_steps=3, koleo_weight=0.1), tmp_path, items, show_progress=False)
+
+
+def test_compiled_backbones_train_like_eager(tmp_path: Path) -> None:
+    items = real_xrays(4)
+    runs = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        trainer = Trainer(tiny_cfg(arch="resnet18", compile=compiled, drop_path_rate=0.0), tmp_path / str(compiled),
+                          items, show_progress=False)
+        views = [trainer.transform(it["image"], torch.Generator().manual_seed(i)) for i, it in enumerate(items)]
+        batch = trainer.method.collate(views)
+        runs[compiled] = [trainer.train_step(batch)["loss"] for _ in range(2)]
+    np.testing.assert_allclose(runs[True], runs[False], rtol=1e-4)

@@ -138,9 +138,9 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.student = nn.parallel.DistributedDataParallel(self.method.student, device_ids=ids)
-        if cfg.compile:
-            self.method.student.backbone.compile()
-            self.method.teacher.backbone.compile()
+        if cfg.compile:  # static shapes: one graph per crop size beats a dynamic-shape graph
+            self.method.student.backbone.compile(dynamic=False)
+            self.method.teacher.backbone.compile(dynamic=False)
         self.transform = self.method.make_transform()
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = cfg.epochs * self.steps_per_epoch
