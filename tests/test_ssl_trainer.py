@@ -189,9 +189,10 @@ def test_compiled_backbones_train_like_eager(tmp_path: Path) -> None:
     runs = {}
     for compiled in (False, True):
         torch.manual_seed(0)
-        trainer = Trainer(tiny_cfg(arch="resnet18", compile=compiled, drop_path_rate=0.0), tmp_path / str(compiled),
-                          items, show_progress=False)
-        views = [trainer.transform(it["image"], torch.Generator().manual_seed(i)) for i, it in enumerate(items)]
+        cfg = tiny_cfg(arch="resnet18", compile=compiled, drop_path_rate=0.0)
+        trainer = Trainer(cfg, tmp_path / str(compiled), items, show_progress=False)
+        views = [trainer.transform(it["image"], torch.Generator().manual_seed(i))
+                 for i, it in enumerate(items)]
         batch = trainer.method.collate(views)
         runs[compiled] = [trainer.train_step(batch)["loss"] for _ in range(2)]
     np.testing.assert_allclose(runs[True], runs[False], rtol=1e-4)
