@@ -14,9 +14,14 @@ random-init one of the same architecture):
 
 Plus, once, the classical no-deep-learning reference: PCA + RBF SVM on 32x32 thumbnails.
 
+``--fractions 0.01,0.1,1`` adds a label-efficiency block: for each fraction of the labelled train
+split (``label_subset``: seeded, stratified by region, at least one image per region), the
+accuracy of kNN, the linear probe and PCA + SVM on each backbone's features, and of PCA + SVM on
+the thumbnails, all on the same subsets.
+
     .venv/bin/python benchmarks/frozen_probe.py --lake LAKE --labels SYNTH_RUN \
         --backbone dino=runs/resnet18 --backbone random:resnet18 [--img-size 128] [--threads 2] \
-        [--out benchmarks/results/frozen_probe.json]
+        [--fractions 0.01,0.1,1] [--out benchmarks/results/frozen_probe.json]
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from xrayfm.config import atomic_write_text, versions
 from xrayfm.ssl.anatomy import part_whole_similarity
 from xrayfm.synth.regions import REGIONS
 from xrayfm.tasks.classify import classical_scores, knn_scores
-from xrayfm.tasks.data import LabeledImage, load_labeled_images, resize_item
+from xrayfm.tasks.data import LabeledImage, label_subset, load_labeled_images, resize_item
 from xrayfm.tasks.evaluate import pooled_features
 from xrayfm.tasks.metrics import classification_metrics
 
@@ -50,17 +55,36 @@ def _summary(y_true: np.ndarray, scores: np.ndarray, classes: list[int]) -> dict
             "confusion_matrix": cm.tolist()}
 
 
+def subset_index(train: list[LabeledImage], fraction: float) -> np.ndarray:
+    """Positions in ``train`` of the labelled subset that heads get at this fraction."""
+    ids = {it.image_id for it in label_subset(train, fraction)}
+    return np.array([i for i, it in enumerate(train) if it.image_id in ids])
+
+
+def fraction_accuracies(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray,
+                        subsets: dict[float, np.ndarray], methods: tuple[str, ...]) -> dict[str, Any]:
+    """Test accuracy of each method trained on each labelled subset of the train features."""
+    fit = {"knn": lambda x, y: knn_scores(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(fte),
+                                          len(REGIONS)).numpy(),
+           "linear_probe": lambda x, y: linear_probe_scores(x, y, fte),
+           "pca_svm": lambda x, y: classical_scores(x, y, fte, len(REGIONS))}
+    return {str(f): {"n_train": len(idx), **{m: round(float((fit[m](ftr[idx], ytr[idx]).argmax(1) == yte).mean()), 4)
+                                           for m in methods}} for f, idx in subsets.items()}
+
+
 def probe(backbone: torch.nn.Module, train: list[LabeledImage], test: list[LabeledImage], img_size: int,
-          classes: list[int]) -> dict[str, Any]:
+          classes: list[int], subsets: dict[float, np.ndarray]) -> dict[str, Any]:
     ytr = np.array([it.region_index for it in train])
     yte = np.array([it.region_index for it in test])
     ftr, fte = pooled_features(backbone, train, img_size), pooled_features(backbone, test, img_size)
+    fractions = fraction_accuracies(ftr.numpy(), ytr, fte.numpy(), yte, subsets,
+                                    ("knn", "linear_probe", "pca_svm")) if subsets else {}
     images = [torch.from_numpy(resize_item(it, img_size).image)[None] for it in test]
     part_whole = {f"g{g}{'_centred' if c else ''}": round(float(part_whole_similarity(
         backbone, images, granularity=g, size=img_size, centre=c).mean()), 4) for g in (0, 1) for c in (False, True)}
     return {"knn": _summary(yte, knn_scores(ftr, torch.from_numpy(ytr), fte, len(REGIONS)).numpy(), classes),
             "linear_probe": _summary(yte, linear_probe_scores(ftr.numpy(), ytr, fte.numpy()), classes),
-            "part_whole_cosine": part_whole}
+            "part_whole_cosine": part_whole, "label_fractions": fractions}
 
 
 def main() -> None:
@@ -70,6 +94,7 @@ def main() -> None:
     ap.add_argument("--backbone", action="append", required=True)
     ap.add_argument("--img-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fractions", default="", help="label fractions for the label-efficiency block, e.g. 0.01,0.1,1")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,17 +104,19 @@ def main() -> None:
         raise SystemExit(f"{args.lake}: needs labelled train and test images (got {len(train)} / {len(test)})")
     classes = sorted({it.region_index for it in train} | {it.region_index for it in test})
     thumbs = [np.stack([resize_item(it, 32).image.ravel() for it in s]) for s in (train, test)]
-    pixels = _summary(np.array([it.region_index for it in test]),
-                      classical_scores(thumbs[0], np.array([it.region_index for it in train]), thumbs[1],
-                                       len(REGIONS)), classes)
-    print(f"pixels PCA+SVM: accuracy {pixels['accuracy']:.3f}", flush=True)
+    ytr, yte = (np.array([it.region_index for it in s]) for s in (train, test))
+    pixels = _summary(yte, classical_scores(thumbs[0], ytr, thumbs[1], len(REGIONS)), classes)
+    subsets = {float(f): subset_index(train, float(f)) for f in args.fractions.split(",") if f}
+    pixels["label_fractions"] = fraction_accuracies(thumbs[0], ytr, thumbs[1], yte, subsets, ("pca_svm",))
+    print(f"pixels PCA+SVM: accuracy {pixels['accuracy']:.3f} {pixels['label_fractions']}", flush=True)
     rows: dict[str, Any] = {}
     for spec in args.backbone:
         label, bb = backbone_from_spec(spec)
-        rows[label] = probe(bb, train, test, args.img_size, classes)
+        rows[label] = probe(bb, train, test, args.img_size, classes, subsets)
         r = rows[label]
         print(f"{label}: kNN {r['knn']['accuracy']:.3f} (balanced {r['knn']['balanced_accuracy']:.3f}), "
-              f"linear {r['linear_probe']['accuracy']:.3f}, part-whole {r['part_whole_cosine']}", flush=True)
+              f"linear {r['linear_probe']['accuracy']:.3f}, part-whole {r['part_whole_cosine']}, "
+              f"label fractions {r['label_fractions']}", flush=True)
     result = {"lake": args.lake, "labels": args.labels, "n_train": len(train), "n_test": len(test),
               "img_size": args.img_size, "classes": [REGIONS[c] for c in classes],
               "pixels_pca_svm": pixels, "backbones": rows, "threads": args.threads,
