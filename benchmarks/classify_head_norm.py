@@ -20,12 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import backbone_from_spec, linear_probe_scores
+from common import backbone_from_spec, bank_and_query, linear_probe_scores
 from torch import nn
 
 from xrayfm.config import atomic_write_text, versions
 from xrayfm.synth.regions import REGIONS
-from xrayfm.tasks.data import load_labeled_images
 from xrayfm.tasks.evaluate import pooled_features
 
 
@@ -61,8 +60,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "classify_head_norm.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    train, _ = load_labeled_images(args.lake, args.labels, "train")
-    test, _ = load_labeled_images(args.lake, args.labels, "test")
+    train, test = bank_and_query(args.lake, args.labels, "test")
     label, bb = backbone_from_spec(args.backbone)
     with torch.no_grad():
         ftr, fte = pooled_features(bb, train, args.img_size), pooled_features(bb, test, args.img_size)

@@ -34,13 +34,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import backbone_from_spec, linear_probe_scores
+from common import backbone_from_spec, bank_and_query, linear_probe_scores
 
 from xrayfm.config import atomic_write_text, versions
 from xrayfm.ssl.anatomy import part_whole_similarity
 from xrayfm.synth.regions import REGIONS
 from xrayfm.tasks.classify import classical_scores, knn_scores
-from xrayfm.tasks.data import LabeledImage, label_subset, load_labeled_images, resize_item
+from xrayfm.tasks.data import LabeledImage, label_subset, resize_item
 from xrayfm.tasks.evaluate import pooled_features
 from xrayfm.tasks.metrics import classification_metrics
 
@@ -77,8 +77,7 @@ def probe(backbone: torch.nn.Module, train: list[LabeledImage], test: list[Label
     ytr = np.array([it.region_index for it in train])
     yte = np.array([it.region_index for it in test])
     ftr, fte = pooled_features(backbone, train, img_size), pooled_features(backbone, test, img_size)
-    fractions = fraction_accuracies(ftr.numpy(), ytr, fte.numpy(), yte, subsets,
-                                    ("knn", "linear_probe", "pca_svm")) if subsets else {}
+    fractions = fraction_accuracies(ftr.numpy(), ytr, fte.numpy(), yte, subsets, ("knn", "linear_probe", "pca_svm"))
     images = [torch.from_numpy(resize_item(it, img_size).image)[None] for it in test]
     part_whole = {f"g{g}{'_centred' if c else ''}": round(float(part_whole_similarity(
         backbone, images, granularity=g, size=img_size, centre=c).mean()), 4) for g in (0, 1) for c in (False, True)}
@@ -98,10 +97,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    train, _ = load_labeled_images(args.lake, args.labels, "train")
-    test, _ = load_labeled_images(args.lake, args.labels, "test")
-    if not train or not test:
-        raise SystemExit(f"{args.lake}: needs labelled train and test images (got {len(train)} / {len(test)})")
+    train, test = bank_and_query(args.lake, args.labels, "test")
     classes = sorted({it.region_index for it in train} | {it.region_index for it in test})
     thumbs = [np.stack([resize_item(it, 32).image.ravel() for it in s]) for s in (train, test)]
     ytr, yte = (np.array([it.region_index for it in s]) for s in (train, test))

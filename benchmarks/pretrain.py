@@ -84,6 +84,12 @@ CPU_SETUP = Setup(batch=16, n_global=2, n_local=6, global_size=128, local_size=6
 GPU_SETUP = Setup(batch=64, n_global=2, n_local=10, global_size=224, local_size=96, out_dim=65536)
 
 
+def device_setup(batch: int = 0) -> Setup:
+    """The setup for this machine's device (GPU: the reference recipe), with ``batch`` images if > 0."""
+    s = GPU_SETUP if DEVICE.type == "cuda" else CPU_SETUP
+    return replace(s, batch=batch or s.batch)
+
+
 def sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
@@ -327,8 +333,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     cuda = DEVICE.type == "cuda"
-    s = GPU_SETUP if cuda else CPU_SETUP
-    s = replace(s, batch=args.batch or s.batch)
+    s = device_setup(args.batch)
     peak_tflops = bf16_peak_tflops() if cuda else None
     result: dict[str, object] = {
         "setup": s.text(), "device": torch.cuda.get_device_name() if cuda else "cpu",

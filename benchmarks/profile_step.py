@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
-from pretrain import CPU_SETUP, DEVICE, GPU_SETUP, ours, random_batch, sync
+from pretrain import DEVICE, device_setup, ours, random_batch, sync
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -32,8 +31,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "profile_step.txt")
     args = ap.parse_args()
     cuda = DEVICE.type == "cuda"
-    s = GPU_SETUP if cuda else CPU_SETUP
-    s = replace(s, batch=args.batch or s.batch)
+    s = device_setup(args.batch)
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
     report = [f"setup: {s.text()}, {args.precision}, device {DEVICE}"]
