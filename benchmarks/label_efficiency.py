@@ -13,6 +13,7 @@ stratified by body region.
     .venv/bin/python benchmarks/label_efficiency.py --lake LAKE --labels SYNTH_RUN \
         --backbone dino=runs/resnet18 --backbone random:resnet18 [--fractions 0.01,0.1,1]
         [--tasks classify,segment,detect] [--img-size 128] [--steps 300] [--threads 2] [--dihedral]
+        [--feature-norm standardize|layernorm] [--unfreeze N]
         [--out benchmarks/results/label_efficiency.json]
 """
 
@@ -30,6 +31,7 @@ import torch
 from common import backbone_from_spec
 
 from xrayfm.config import atomic_write_text, versions
+from xrayfm.models.heads import POOLED_NORMS
 from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import label_subset, load_labeled_images
 from xrayfm.tasks.train import HeadTrainConfig, predict_items, train_head
@@ -37,7 +39,8 @@ from xrayfm.tasks.train import HeadTrainConfig, predict_items, train_head
 RESULTS = Path(__file__).resolve().parent / "results" / "label_efficiency.json"
 KEYS = {"classify": ("accuracy", "recall_macro", "top3_accuracy"),
         "segment": ("dice_mean", "dice_positive_mean", "iou_mean", "empty_fp_rate"),
-        "detect": ("precision", "recall", "ap", "head_error_px", "tip_error_px", "angle_error_deg")}
+        "detect": ("precision", "recall", "ap", "head_error_px", "tip_error_px", "angle_error_deg",
+                   "angle_error_median_deg", "reversed_rate")}
 
 
 def _epochs(n_items: int, batch: int, steps: int, lo: int, hi: int) -> int:
@@ -59,6 +62,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dihedral", action="store_true", help="heads train with random rot90/mirror (8-view cache)")
+    ap.add_argument("--unfreeze", type=int, default=0,
+                    help="fine-tune the last N blocks/stages (-1: all) at lr/10 instead of the frozen cache")
+    ap.add_argument("--feature-norm", default="standardize", choices=POOLED_NORMS,
+                    help="the region head's input normalisation (HeadTrainConfig.feature_norm)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -80,7 +87,10 @@ def main() -> None:
                 lr = 3e-3 if task_name == "segment" else 1e-2
                 cfg = HeadTrainConfig(task=task_name, img_size=args.img_size, epochs=epochs,
                                       batch_size=args.batch_size, lr=lr, label_fraction=frac, seed=args.seed,
-                                      dihedral=args.dihedral)
+                                      dihedral=args.dihedral, feature_norm=args.feature_norm,
+                                      unfreeze=args.unfreeze)
+                if args.unfreeze:  # fine-tuning changes the backbone in place: start each run afresh
+                    bb = backbone_from_spec(spec)[1]
                 t0 = time.perf_counter()
                 head, _ = train_head(bb, train, cfg)
                 train_s = time.perf_counter() - t0
@@ -91,7 +101,8 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = {"lake": args.lake, "n_train": len(train), "n_test": len(test), "img_size": args.img_size,
-              "steps": args.steps, "dihedral": args.dihedral, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
+              "steps": args.steps, "dihedral": args.dihedral,
+              "feature_norm": args.feature_norm, "unfreeze": args.unfreeze, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
               "versions": versions(), "rows": rows}
     atomic_write_text(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")

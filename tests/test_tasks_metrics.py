@@ -121,8 +121,22 @@ def test_detection_metrics_hand_case() -> None:
     assert r["head_error_mm"] == pytest.approx(0.5)
     # only the first screw has an angle (second is end-on): atan2(2, 19) vs 0
     assert r["angle_error_deg"] == pytest.approx(np.degrees(np.arctan2(2, 19)))
+    assert r["angle_error_median_deg"] == r["angle_error_deg"] and r["reversed_rate"] == 0.0
     # ranking: 0.95 FP, 0.9 TP, 0.8 TP, 0.7 FP -> precision 1/2, 2/3 at recall 0.5, 1.0
     assert r["ap"] == pytest.approx(0.5 * (2 / 3) + 0.5 * (2 / 3))
+
+
+def test_reversed_short_screw_counts_in_mean_not_median() -> None:
+    # three 30 px screws off by 0, 2 and 4 degrees; one 8 px screw predicted head <-> tip
+    trues = [[_s((0, 0), (30, 0)), _s((0, 40), (30, 40)), _s((0, 80), (30, 80)), _s((60, 0), (68, 0))]]
+    rot = [np.radians(a) for a in (0.0, 2.0, 4.0)]
+    preds = [[_s((0, y), (30 * np.cos(a), y + 30 * np.sin(a)), 0.9) for y, a in zip((0, 40, 80), rot)]
+             + [_s((68, 0), (60, 0), 0.8)]]
+    r = M.detection_metrics(preds, trues, max_dist=10.0)
+    assert r["n_matched"] == 4
+    assert r["angle_error_deg"] == pytest.approx((0 + 2 + 4 + 180) / 4)
+    assert r["angle_error_median_deg"] == pytest.approx(3.0)
+    assert r["reversed_rate"] == pytest.approx(0.25)
 
 
 def test_score_threshold_sets_operating_point_but_not_ap() -> None:
@@ -139,6 +153,7 @@ def test_detection_empty_cases() -> None:
     r = M.detection_metrics([[]], [[]])
     assert (r["precision"], r["recall"], r["ap"]) == (1.0, 1.0, 1.0)
     assert r["head_error_px"] is None and r["angle_error_deg"] is None
+    assert r["angle_error_median_deg"] is None and r["reversed_rate"] is None
     r = M.detection_metrics([[]], [[_s((0, 0), (1, 1))]])
     assert (r["precision"], r["recall"], r["ap"]) == (0.0, 0.0, 0.0)
 

@@ -97,6 +97,8 @@ def train_cmd(
     dihedral: Annotated[bool | None, _Opt("--dihedral/--no-dihedral", help="Random rot90/mirror (8 exact "
                                           "transforms) per image each epoch; without --augment/--unfreeze "
                                           "the feature cache holds all 8 (8x memory); default off.")] = None,
+    feature_norm: Annotated[str | None, _Opt(help="Pooled heads' input: 'standardize' (train-set feature "
+                                             "statistics) or 'layernorm' (per image) [standardize].")] = None,
     seed: Annotated[int | None, _Opt(help="Seed [0].")] = None,
 ) -> None:
     """Train one head on the lake's train split (labels joined on pixel hash); report val metrics."""
@@ -114,7 +116,7 @@ def train_cmd(
 
     given = {"task": task, "head": head, "epochs": epochs, "batch_size": batch_size, "lr": lr,
              "img_size": img_size, "label_fraction": label_fraction, "unfreeze": unfreeze,
-             "augment": augment, "dihedral": dihedral, "seed": seed}
+             "augment": augment, "dihedral": dihedral, "feature_norm": feature_norm, "seed": seed}
     t0 = time.time()
     try:
         base = load_yaml(HeadTrainConfig, config) if config else HeadTrainConfig()

@@ -37,6 +37,10 @@ class HeadTask:
     def run_head(self, head: nn.Module, feats: Tensor | list[Tensor], size: tuple[int, int]) -> Tensor:
         return head(feats)
 
+    def finish_head(self, head: nn.Module, items: Sequence[LabeledImage]) -> None:
+        """Adjust the trained ``head`` given the labelled items it was trained on (default: nothing)."""
+        return None
+
     def targets(self, items: Sequence[LabeledImage]) -> dict[str, Tensor]:
         raise NotImplementedError
 

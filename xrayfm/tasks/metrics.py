@@ -29,6 +29,9 @@ Detection (screws)
     spacing is known) are means over matched pairs; the angle error is the directed difference
     of ``atan2(tip - head)`` wrapped to [0, 180] degrees and skips true screws that are end-on
     (flag set, or projected length below ``min_angle_length``). Undefined means are ``None``.
+    Because one reversed screw (head and tip swapped, possible on screws shorter than
+    ``max_dist``) adds 180 degrees, the angle errors also come as a median and as the fraction of
+    matches pointing the wrong way (error above 90 degrees).
 """
 
 from __future__ import annotations
@@ -305,6 +308,9 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
     def mean(v: list[float]) -> float | None:
         return float(np.mean(v)) if v else None
 
+    def median(v: list[float]) -> float | None:
+        return float(np.median(v)) if v else None
+
     return {
         "precision": tp / n_pred if n_pred else (1.0 if n_true == 0 else 0.0),
         "recall": tp / n_true if n_true else 1.0,
@@ -312,6 +318,8 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
         "head_error_px": mean(head_px),
         "tip_error_px": mean(tip_px),
         "angle_error_deg": mean(ang),
+        "angle_error_median_deg": median(ang),
+        "reversed_rate": float(np.mean(np.asarray(ang) > 90.0)) if ang else None,
         "head_error_mm": mean(head_mm),
         "tip_error_mm": mean(tip_mm),
         "n_pred": n_pred,

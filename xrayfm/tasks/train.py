@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from xrayfm.config import atomic_write_bytes, atomic_write_text
-from xrayfm.models.heads import create_head
+from xrayfm.models.heads import POOLED_NORMS, create_head, fit_input_stats, head_info, needs_input_stats
 from xrayfm.tasks.base import HeadTask, get_task
 from xrayfm.tasks.data import (
     DIHEDRAL_ELEMENTS,
@@ -52,6 +52,7 @@ class HeadTrainConfig:
     head: str | None = None          # registered head name; None = the task's default
     num_classes: int | None = None   # classification only; None = the 11 body regions
     head_width: int = 64             # channels of the dense heads' decoder
+    feature_norm: str = "standardize"  # pooled heads' input: train-set "standardize" or per-item "layernorm"
     seg_out_stride: int = 4          # segmentation logits' stride: 4, or 2 / 1 for thin structures
     img_size: int = 224
     epochs: int = 30
@@ -74,6 +75,8 @@ class HeadTrainConfig:
             (self.unfreeze >= -1, f"unfreeze must be >= 0 blocks, or -1 for all, got {self.unfreeze}"),
             (self.label_fraction > 0, f"label_fraction must be > 0, got {self.label_fraction}"),
             (self.seg_out_stride in (1, 2, 4), f"seg_out_stride must be 1, 2 or 4, got {self.seg_out_stride}"),
+            (self.feature_norm in POOLED_NORMS,
+             f"feature_norm must be one of {', '.join(POOLED_NORMS)}, got {self.feature_norm!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -117,7 +120,8 @@ def set_trainable(backbone: nn.Module, unfreeze: int) -> list[nn.Parameter]:
 
 def head_arguments(task: HeadTask, cfg: HeadTrainConfig) -> dict[str, Any]:
     """Keyword arguments the head of ``task`` is built with (saved in the head bundle)."""
-    kwargs = task.head_kwargs() | ({"width": cfg.head_width} if task.input_kind == "dense" else {})
+    kwargs = task.head_kwargs() | ({"width": cfg.head_width} if task.input_kind == "dense"
+                                   else {"feature_norm": cfg.feature_norm})
     return kwargs | ({"out_stride": cfg.seg_out_stride} if task.head_task == "segment" else {})
 
 
@@ -160,6 +164,7 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
         history = _fit_in_loop(backbone, head, task, labelled, cfg, opt, sched, rng, progress)
     else:
         history = _fit_on_cache(backbone, head, task, labelled, cfg, opt, sched, rng, progress)
+    task.finish_head(head, labelled)
     set_trainable(backbone, 0)
     backbone.eval()
     head.eval()
@@ -194,6 +199,8 @@ def _fit_on_cache(backbone: nn.Module, head: nn.Module, task: HeadTask, items: l
     n, views = len(base), cfg.cache_views
     cache = compute_features(backbone, _view_batches(base, views, cfg.batch_size), task.input_kind,
                              progress=progress)
+    if needs_input_stats(head):
+        fit_input_stats(head, cache.batch(torch.arange(len(cache))))
     history = []
     head.train()
     for epoch in range(cfg.epochs):
@@ -216,6 +223,9 @@ def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: li
     """Backbone every step on the (augmented, then dihedrally transformed) batch."""
     size = (cfg.img_size, cfg.img_size)
     base = [resize_item(it, *size) for it in items]
+    if needs_input_stats(head):  # statistics of the un-augmented images under the starting backbone
+        stats = compute_features(backbone, _view_batches(base, 1, cfg.batch_size), task.input_kind)
+        fit_input_stats(head, stats.batch(torch.arange(len(stats))))
     history = []
     head.train()
     backbone.eval()  # frozen parts keep their normalisation statistics
@@ -300,8 +310,10 @@ def load_head_bundle(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     card = json.loads(card_path.read_text())
     state = load_file(str(weights))
     try:
-        head = create_head(card["head"], card["embed_dim"], card["dense_channels"], card["dense_strides"],
-                           **card["head_kwargs"])
+        kwargs = dict(card["head_kwargs"])
+        if head_info(card["head"])[1] == "pooled":
+            kwargs.setdefault("feature_norm", "layernorm")  # bundles from before feature_norm existed
+        head = create_head(card["head"], card["embed_dim"], card["dense_channels"], card["dense_strides"], **kwargs)
     except KeyError as exc:
         raise ValueError(f"{card_path} lacks the key {exc}; re-train the head") from exc
     head.load_state_dict(state, strict=True)
