@@ -45,6 +45,7 @@ COLUMNS = (
     ("head err mm", "detection", "head_error_mm", "{:.2f}"),
     ("head err px", "detection", "head_error_px", "{:.2f}"),
     ("angle err °", "detection", "angle_error_deg", "{:.1f}"),
+    ("angle err median °", "detection", "angle_error_median_deg", "{:.1f}"),
 )
 BASELINES = {
     "knn": "kNN on features",
