@@ -34,7 +34,7 @@ from common import backbone_from_spec, bank_and_query, linear_probe_scores
 from torch import nn
 
 from xrayfm.config import atomic_write_text, versions
-from xrayfm.models.heads import LinearHead, fit_input_stats, switch_off_classes
+from xrayfm.models.heads import LinearHead, input_standardizer, switch_off_classes
 from xrayfm.synth.regions import REGIONS
 from xrayfm.tasks.data import label_subset
 from xrayfm.tasks.evaluate import pooled_features
@@ -60,7 +60,7 @@ def train_linear(ftr: torch.Tensor, ytr: torch.Tensor, fall: torch.Tensor, fte: 
         mu, sd = ftr.mean(0), ftr.std(0, unbiased=False).clamp_min(1e-6)
         head.norm = _Standardize(mu, sd)
     elif variant != "layernorm":
-        fit_input_stats(head, fall if variant == "standardize_all" else ftr)
+        input_standardizer(head).fit(fall if variant == "standardize_all" else ftr)  # type: ignore[union-attr]
     per_epoch = math.ceil(len(ftr) / batch)
     epochs = max(1, round(steps / per_epoch))
     opt = torch.optim.AdamW(head.parameters(), weight_decay=weight_decay)

@@ -40,6 +40,11 @@ def _resnet(size: int) -> torch.nn.Module:
     return create_backbone("resnet18", img_size=size).eval()
 
 
+def _two_regions(n: int) -> list[LabeledImage]:
+    """``n`` pairs of 64-px crops: class 0 from a chest radiograph (RG1), class 1 from an ankle (RG3)."""
+    return [rod_item(i, size=64, n_max=0, image=img) for i in range(n) for img in ("RG1_UNCR.dcm", "RG3_UNCR.dcm")]
+
+
 def test_segmentation_head_learns_painted_metal(tmp_path) -> None:
     bb = _resnet(96)
     train = [rod_item(i, size=96) for i in range(48)]
@@ -113,7 +118,7 @@ def test_feature_cache_round_trip(tmp_path) -> None:
 
 def test_knn_and_classical_separate_two_radiographs() -> None:
     # class 0 = chest crops (RG1), class 1 = ankle crops (RG3): real images, two body regions
-    items = [rod_item(i, size=64, n_max=0, image=img) for i in range(48) for img in ("RG1_UNCR.dcm", "RG3_UNCR.dcm")]
+    items = _two_regions(48)
     train, test = items[:32], items[32:]
     torch.manual_seed(0)
     bb = create_backbone("vit_tiny_patch16", img_size=64).eval()
@@ -136,7 +141,7 @@ def test_knn_and_classical_separate_two_radiographs() -> None:
 
 
 def test_pooled_heads_standardize_with_train_statistics(tmp_path) -> None:
-    items = [rod_item(i, size=64, n_max=0, image=img) for i in range(6) for img in ("RG1_UNCR.dcm", "RG3_UNCR.dcm")]
+    items = _two_regions(6)
     torch.manual_seed(0)
     bb = create_backbone("vit_tiny_patch16", img_size=64).eval()
     with torch.no_grad():
@@ -160,7 +165,7 @@ def test_pooled_heads_standardize_with_train_statistics(tmp_path) -> None:
 
 
 def test_classes_without_training_items_are_never_predicted() -> None:
-    items = [rod_item(i, size=64, n_max=0, image=img) for i in range(4) for img in ("RG1_UNCR.dcm", "RG3_UNCR.dcm")]
+    items = _two_regions(4)
     bb = _resnet(64)
     task = get_task("classify", 5)  # classes 2-4 have no training item
     for head_name in ("linear", "mlp"):
@@ -176,7 +181,7 @@ def test_classes_without_training_items_are_never_predicted() -> None:
 
 
 def test_head_bundles_from_before_feature_norm_load_as_layernorm(tmp_path) -> None:
-    items = [rod_item(i, size=64, n_max=0, image=img) for i in range(4) for img in ("RG1_UNCR.dcm", "RG3_UNCR.dcm")]
+    items = _two_regions(4)
     bb = _resnet(64)
     task = get_task("classify", 2)
     cfg = HeadTrainConfig(task="classify", num_classes=2, img_size=64, epochs=2, feature_norm="layernorm")

@@ -117,16 +117,10 @@ def _pooled_norm(kind: str, dim: int, affine: bool) -> nn.Module:
     raise ValueError(f"feature_norm must be one of {', '.join(POOLED_NORMS)}, got {kind!r}")
 
 
-def needs_input_stats(head: nn.Module) -> bool:
-    """Whether ``head`` has a :class:`FeatureStandardize` input to fit before training."""
-    return any(isinstance(m, FeatureStandardize) for m in head.modules())
-
-
-def fit_input_stats(head: nn.Module, feats: Tensor) -> None:
-    """Fit the head's :class:`FeatureStandardize` input on the training features ``(N, D)``."""
-    for m in head.modules():
-        if isinstance(m, FeatureStandardize):
-            m.fit(feats)
+def input_standardizer(head: nn.Module) -> FeatureStandardize | None:
+    """The head's :class:`FeatureStandardize` input, to :meth:`~FeatureStandardize.fit` on the
+    training features before training; ``None`` for heads without one."""
+    return next((m for m in head.modules() if isinstance(m, FeatureStandardize)), None)
 
 
 @torch.no_grad()

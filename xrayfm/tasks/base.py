@@ -39,7 +39,6 @@ class HeadTask:
 
     def finish_head(self, head: nn.Module, items: Sequence[LabeledImage]) -> None:
         """Adjust the trained ``head`` given the labelled items it was trained on (default: nothing)."""
-        return None
 
     def targets(self, items: Sequence[LabeledImage]) -> dict[str, Tensor]:
         raise NotImplementedError

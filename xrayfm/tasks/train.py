@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from xrayfm.config import atomic_write_bytes, atomic_write_text
-from xrayfm.models.heads import POOLED_NORMS, create_head, fit_input_stats, head_info, needs_input_stats
+from xrayfm.models.heads import POOLED_NORMS, create_head, head_info, input_standardizer
 from xrayfm.tasks.base import HeadTask, get_task
 from xrayfm.tasks.data import (
     DIHEDRAL_ELEMENTS,
@@ -199,8 +199,8 @@ def _fit_on_cache(backbone: nn.Module, head: nn.Module, task: HeadTask, items: l
     n, views = len(base), cfg.cache_views
     cache = compute_features(backbone, _view_batches(base, views, cfg.batch_size), task.input_kind,
                              progress=progress)
-    if needs_input_stats(head):
-        fit_input_stats(head, cache.batch(torch.arange(len(cache))))
+    if (norm := input_standardizer(head)) is not None:
+        norm.fit(cache.feats[0])
     history = []
     head.train()
     for epoch in range(cfg.epochs):
@@ -223,9 +223,8 @@ def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: li
     """Backbone every step on the (augmented, then dihedrally transformed) batch."""
     size = (cfg.img_size, cfg.img_size)
     base = [resize_item(it, *size) for it in items]
-    if needs_input_stats(head):  # statistics of the un-augmented images under the starting backbone
-        stats = compute_features(backbone, _view_batches(base, 1, cfg.batch_size), task.input_kind)
-        fit_input_stats(head, stats.batch(torch.arange(len(stats))))
+    if (norm := input_standardizer(head)) is not None:  # un-augmented images, starting backbone
+        norm.fit(compute_features(backbone, _view_batches(base, 1, cfg.batch_size), task.input_kind).feats[0])
     history = []
     head.train()
     backbone.eval()  # frozen parts keep their normalisation statistics
