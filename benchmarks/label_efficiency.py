@@ -13,7 +13,7 @@ stratified by body region.
     .venv/bin/python benchmarks/label_efficiency.py --lake LAKE --labels SYNTH_RUN \
         --backbone dino=runs/resnet18 --backbone random:resnet18 [--fractions 0.01,0.1,1]
         [--tasks classify,segment,detect] [--img-size 128] [--steps 300] [--threads 2] [--dihedral]
-        [--feature-norm standardize|layernorm] [--unfreeze N]
+        [--feature-norm standardize|layernorm] [--unfreeze N] [--tune]
         [--out benchmarks/results/label_efficiency.json]
 """
 
@@ -47,6 +47,10 @@ def _epochs(n_items: int, batch: int, steps: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, math.ceil(steps / max(1, math.ceil(n_items / batch)))))
 
 
+def _rounded(m: dict[str, Any], task_name: str) -> dict[str, Any]:
+    return {k: (round(m[k], 4) if isinstance(m[k], float) else m[k]) for k in KEYS[task_name]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lake", required=True)
@@ -66,6 +70,8 @@ def main() -> None:
                     help="fine-tune the last N blocks/stages (-1: all) at lr/10 instead of the frozen cache")
     ap.add_argument("--feature-norm", default="standardize", choices=POOLED_NORMS,
                     help="the region head's input normalisation (HeadTrainConfig.feature_norm)")
+    ap.add_argument("--tune", action="store_true",
+                    help="also report segment/detect test metrics at the threshold tuned on the val split")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,6 +79,9 @@ def main() -> None:
     tasks = args.tasks.split(",")
     train, _ = load_labeled_images(args.lake, args.labels, "train")
     test, _ = load_labeled_images(args.lake, args.labels, "test")
+    val = load_labeled_images(args.lake, args.labels, "val")[0] if args.tune else []
+    if args.tune and not val:
+        raise SystemExit(f"{args.lake}: --tune needs labelled val images")
     if not train or not test:
         raise SystemExit(f"{args.lake}: needs labelled train and test images (got {len(train)} / {len(test)})")
     rows: list[dict[str, Any]] = []
@@ -94,14 +103,21 @@ def main() -> None:
                 t0 = time.perf_counter()
                 head, _ = train_head(bb, train, cfg)
                 train_s = time.perf_counter() - t0
-                m = task.metrics(predict_items(bb, head, task, test, args.img_size), test)
+                task = get_task(task_name)  # at its default threshold
+                soft = predict_items(bb, head, task, test, args.img_size, soft=True)
                 row = {"backbone": label, "task": task_name, "fraction": frac, "n_train": n_items,
                        "epochs": epochs, "train_s": round(train_s, 1),
-                       **{k: (round(m[k], 4) if isinstance(m[k], float) else m[k]) for k in KEYS[task_name]}}
+                       **_rounded(task.metrics(task.decide(soft), test), task_name)}
+                if args.tune and task.threshold is not None:  # as `heads train`: threshold chosen on val
+                    op = task.tune_threshold(predict_items(bb, head, task, val, args.img_size, soft=True), val)
+                    if op is not None:
+                        task.threshold = op["threshold"]
+                        row["tuned"] = {"threshold": round(op["threshold"], 4), "val_" + op["criterion"]: round(op["value"], 4),
+                                        **_rounded(task.metrics(task.decide(soft), test), task_name)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = {"lake": args.lake, "n_train": len(train), "n_test": len(test), "img_size": args.img_size,
-              "steps": args.steps, "dihedral": args.dihedral,
+              "steps": args.steps, "dihedral": args.dihedral, "tune": args.tune,
               "feature_norm": args.feature_norm, "unfreeze": args.unfreeze, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
               "versions": versions(), "rows": rows}
     atomic_write_text(args.out, json.dumps(result, indent=2))

@@ -103,3 +103,21 @@ def test_bundle_subset_and_errors(tmp_path: Path, bundle_dir: Path) -> None:
             ModelBundle.load(sub, device="cuda")
     with pytest.raises(ValueError, match="values must lie in"):
         b.predict([np.full((8, 8), 2.0, np.float32)])
+
+
+def test_bundle_takes_the_heads_tuned_thresholds(tmp_path: Path, bundle_dir: Path) -> None:
+    import shutil
+
+    from xrayfm.tasks.train import record_operating_point
+
+    heads = {t: tmp_path / t for t in ("segment", "detect")}
+    for t, p in heads.items():
+        shutil.copytree(bundle_dir / "heads" / t, p)
+    record_operating_point(heads["segment"], {"threshold": 0.35, "criterion": "dice_mean", "split": "val"})
+    record_operating_point(heads["detect"], {"threshold": 0.42, "criterion": "f1", "split": "val"})
+    tuned = ModelBundle.load(ModelBundle.create(bundle_dir, list(heads.values()), tmp_path / "tuned"))
+    assert tuned.options == {"detect_threshold": 0.42, "mask_threshold": 0.35}
+    given = ModelBundle.create(bundle_dir, list(heads.values()), tmp_path / "given", detect_threshold=0.6)
+    assert ModelBundle.load(given).options == {"detect_threshold": 0.6, "mask_threshold": 0.35}
+    untuned = ModelBundle.create(bundle_dir, [bundle_dir / "heads" / "segment"], tmp_path / "untuned")
+    assert ModelBundle.load(untuned).options == {"detect_threshold": 0.3, "mask_threshold": 0.5}

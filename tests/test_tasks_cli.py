@@ -41,6 +41,11 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
         assert card["train_config"]["dihedral"] is bool(dihedral)
         assert ("dihedral: true" in (world / task / "config.yaml").read_text()) is bool(dihedral)
         assert (world / task / "config.yaml").is_file() and (world / task / "metrics_val.json").is_file()
+        if task == "segment":  # the mask threshold is chosen on the val split and kept in the card
+            assert card["operating_point"]["split"] == "val" and card["operating_point"]["criterion"] == "dice_mean"
+            assert 0.1 <= card["operating_point"]["threshold"] <= 0.9
+        if task == "classify":
+            assert "operating_point" not in card
         n_train = json.loads((world / task / "run.json").read_text())["n_train"]
         assert n_train < splits.count("train") if fraction else n_train == splits.count("train")
     out = world / "eval" / "metrics.json"
@@ -57,6 +62,10 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
                                      "angle_error_deg"}
     assert doc["backbone"] == {"arch": "resnet18", "method": "random", "checkpoint": str(world / "bb")}
     assert 0.0 <= doc["segmentation"]["dice_mean"] <= 1.0
+    seg_card = json.loads((world / "segment" / "head.json").read_text())
+    assert doc["segmentation"]["threshold"] == seg_card["operating_point"]["threshold"]
+    det_op = json.loads((world / "detect" / "head.json").read_text()).get("operating_point")
+    assert doc["detection"]["threshold"] == (det_op["threshold"] if det_op else 0.3)
     assert (world / "eval" / "metrics_run" / "config.yaml").is_file()
     emb = world / "emb.parquet"
     with pytest.raises(SystemExit) as exc:

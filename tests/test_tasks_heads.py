@@ -80,10 +80,27 @@ def test_decode_empty_and_unpaired_head() -> None:
     t = encode_screws([{"head": [10.0, 10.0], "tip": [50.0, 40.0]}], 64, 64)
     t["heat"][1] = 0.0  # the tip peak is missing: the head alone yields no confident screw
     assert decode_screws(_logits_from_targets(t), threshold=0.3)[0] == []
-    # a tip response below the threshold where the head says its tip is: no tip candidate, but
-    # the unpaired head keeps its predicted tip with score sqrt(1.0 * 0.25)
+    # a tip response below the candidate floor where the head says its tip is: no tip candidate,
+    # but the unpaired head keeps its predicted tip with score sqrt(1.0 * 0.25)
     t["heat"][1, 10, 12] = 0.25
-    got = decode_screws(_logits_from_targets(t), threshold=0.3)[0]
+    got = decode_screws(_logits_from_targets(t), threshold=0.3, candidates=0.3)[0]
     assert len(got) == 1
     np.testing.assert_allclose(got[0]["tip"], [50.0, 40.0], atol=1e-4)
     assert got[0]["score"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_decoded_screw_does_not_depend_on_the_threshold() -> None:
+    t = encode_screws([{"head": [10.0, 10.0], "tip": [50.0, 42.0]}], 64, 64)
+    t["heat"][0] *= 0.9
+    t["heat"][1] *= 0.2            # a weak tip peak (0.2) under the 0.3 operating point
+    t["reg"][4:6, 2, 2] += 0.25   # and the head points 1 px beside its tip
+    logits = _logits_from_targets(t)
+    low = decode_screws(logits, threshold=0.05)[0]
+    at = decode_screws(logits, threshold=0.3)[0]
+    assert at == [s for s in low if s["score"] >= 0.3] and len(at) == 1
+    # the weak tip still pairs with the head (score sqrt(0.9 * 0.2)), so the tip is its own exact point
+    np.testing.assert_allclose(at[0]["tip"], [50.0, 42.0], atol=1e-4)
+    assert at[0]["score"] == pytest.approx(np.sqrt(0.18), abs=1e-4)
+    # peaks under ``candidates`` do not pair: the head alone keeps the tip it predicts
+    alone = decode_screws(logits, threshold=0.3, candidates=0.3)[0]
+    np.testing.assert_allclose(alone[0]["tip"], [51.0, 43.0], atol=1e-4)

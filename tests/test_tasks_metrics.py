@@ -162,3 +162,16 @@ def test_angle_difference_wraps() -> None:
     assert M.angle_difference(179.0, -179.0) == pytest.approx(2.0)
     assert M.angle_difference(0.0, 180.0) == pytest.approx(180.0)
     assert M.angle_difference(-90.0, 90.0) == pytest.approx(180.0)
+
+
+def test_f1_operating_point_hand_case() -> None:
+    a, b, c = _s((0, 0), (20, 0)), _s((0, 40), (20, 40)), _s((0, 0), (0, 20))
+    trues = [[a, b], [c]]
+    preds = [[_s((0, 1), (20, 1), 0.9), _s((60, 60), (70, 70), 0.8), _s((1, 40), (20, 41), 0.6)],
+             [_s((1, 0), (1, 20), 0.7), _s((50, 50), (55, 55), 0.3)]]
+    # ranking TP, FP, TP, TP, FP of 3 truths: F1 0.5, 0.4, 2/3, 6/7, 0.75 -> keep the top 4
+    op = M.f1_operating_point(preds, trues, max_dist=5.0)
+    assert op == pytest.approx({"threshold": 0.45, "f1": 6 / 7, "precision": 0.75, "recall": 1.0})
+    at = M.detection_metrics(preds, trues, max_dist=5.0, score_threshold=op["threshold"])
+    assert (at["precision"], at["recall"]) == (0.75, 1.0)
+    assert M.f1_operating_point([[]], [[a]]) is None and M.f1_operating_point(preds, [[], []]) is None

@@ -374,3 +374,23 @@ def test_bad_config_messages() -> None:
     with pytest.raises(ValueError, match="no training images carry a segment label"):
         train_head(_resnet(64), [rod_item(0, size=64).__class__(image=np.zeros((64, 64), np.float32), image_id="x")],
                    HeadTrainConfig(task="segment", img_size=64, epochs=1))
+
+
+def test_thresholds_tuned_on_labelled_items() -> None:
+    truth = np.zeros((16, 16), bool)
+    truth[4:8, 4:8] = True
+    prob = np.where(truth, 0.42, 0.2).astype(np.float32)  # a shy head: metal at p = 0.42, nothing above 0.5
+    items = [LabeledImage(image=np.zeros((16, 16), np.float32), image_id="a", mask=truth)]
+    seg = get_task("segment")
+    op = seg.tune_threshold([prob], items)
+    assert op == {"threshold": 0.4, "criterion": "dice_mean", "value": 1.0, "at_default": 0.0}
+    seg.threshold = op["threshold"]
+    assert (seg.decide([prob])[0] == truth).all()
+
+    det = get_task("detect")
+    screw = {"head": [2.0, 2.0], "tip": [12.0, 2.0]}
+    items = [LabeledImage(image=np.zeros((16, 16), np.float32), image_id="b", screws=[screw])]
+    soft = [[screw | {"score": 0.2}, {"head": [2.0, 14.0], "tip": [12.0, 14.0], "score": 0.1}]]
+    op = det.tune_threshold(soft, items)
+    assert op["threshold"] == pytest.approx(0.15) and (op["value"], op["at_default"]) == (1.0, 0.0)
+    assert get_task("classify", 2).tune_threshold([], []) is None

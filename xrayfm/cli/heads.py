@@ -99,6 +99,9 @@ def train_cmd(
                                           "the feature cache holds all 8 (8x memory); default off.")] = None,
     feature_norm: Annotated[str | None, _Opt(help="Pooled heads' input: 'standardize' (train-set feature "
                                              "statistics) or 'layernorm' (per image) [standardize].")] = None,
+    tune_threshold: Annotated[bool | None, _Opt("--tune-threshold/--no-tune-threshold",
+                                                help="Choose the mask probability (segment) or screw score "
+                                                "(detect) threshold that maximises val Dice / F1; default on.")] = None,
     seed: Annotated[int | None, _Opt(help="Seed [0].")] = None,
 ) -> None:
     """Train one head on the lake's train split (labels joined on pixel hash); report val metrics."""
@@ -110,13 +113,15 @@ def train_cmd(
         HeadTrainConfig,
         head_arguments,
         predict_items,
+        record_operating_point,
         save_head_bundle,
         train_head,
     )
 
     given = {"task": task, "head": head, "epochs": epochs, "batch_size": batch_size, "lr": lr,
              "img_size": img_size, "label_fraction": label_fraction, "unfreeze": unfreeze,
-             "augment": augment, "dihedral": dihedral, "feature_norm": feature_norm, "seed": seed}
+             "augment": augment, "dihedral": dihedral, "feature_norm": feature_norm,
+             "tune_threshold": tune_threshold, "seed": seed}
     t0 = time.time()
     try:
         base = load_yaml(HeadTrainConfig, config) if config else HeadTrainConfig()
@@ -135,10 +140,16 @@ def train_cmd(
         save_head_bundle(out, fitted, cfg, bb, card, history, head_arguments(htask, cfg))
         val = [it for it in _load_items(lake, labels, "val") if htask.has_label(it)]
         val_metrics: dict[str, Any] = {}
+        op = None
         if val:
             with _bar("validate", len(val)) as step:
-                preds = predict_items(bb, fitted, htask, val, cfg.img_size, progress=step)
-            val_metrics = {k: v for k, v in htask.metrics(preds, val).items() if not k.endswith("_per_image")}
+                soft = predict_items(bb, fitted, htask, val, cfg.img_size, progress=step, soft=True)
+            if cfg.tune_threshold and (op := htask.tune_threshold(soft, val)) is not None:
+                op |= {"split": "val", "n_images": len(val)}
+                htask.threshold = op["threshold"]
+                record_operating_point(out, op)
+            val_metrics = {k: v for k, v in htask.metrics(htask.decide(soft), val).items()
+                           if not k.endswith("_per_image")}
             from xrayfm.config import atomic_write_text
 
             atomic_write_text(out / "metrics_val.json", json.dumps(_json_safe(val_metrics), indent=2))
@@ -149,6 +160,9 @@ def train_cmd(
         raise UserError(str(exc).splitlines()[0]) from exc
     key = {"classify": "accuracy", "detect": "ap"}.get(cfg.task, "dice_mean")
     shown = f"val {key} {val_metrics[key]:.4f}" if val_metrics.get(key) is not None else "no val split"
+    if op is not None:
+        shown += f" at threshold {op['threshold']:.3g} (val {op['criterion']} {op['value']:.4f}, " \
+                 f"{op['at_default']:.4f} at the default)"
     print(f"trained {cfg.task} head {cfg.head or htask.default_head} on {n_used} images in "
           f"{time.time() - t0:.0f} s, final loss {history[-1]['loss']:.4f}, {shown} -> {out}")
 

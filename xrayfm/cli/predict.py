@@ -40,8 +40,10 @@ def bundle_cmd(
         ),
     ],
     out: Annotated[Path, typer.Option(help="Bundle folder to write.")],
-    detect_threshold: Annotated[float, typer.Option(help="Screw confidence threshold.")] = 0.3,
-    mask_threshold: Annotated[float, typer.Option(help="Metal probability threshold for the mask.")] = 0.5,
+    detect_threshold: Annotated[float | None, typer.Option(
+        help="Screw confidence threshold [the detect head's val-tuned operating point, else 0.3].")] = None,
+    mask_threshold: Annotated[float | None, typer.Option(
+        help="Metal probability threshold for the mask [the segment head's val-tuned one, else 0.5].")] = None,
 ) -> None:
     """Assemble backbone + heads into ONE model bundle folder that predict and serve load."""
     from xrayfm.config import write_run_record
@@ -57,8 +59,8 @@ def bundle_cmd(
         {
             "backbone": str(backbone),
             "heads": [str(h) for h in heads],
-            "detect_threshold": detect_threshold,
-            "mask_threshold": mask_threshold,
+            "detect_threshold": b.options["detect_threshold"],
+            "mask_threshold": b.options["mask_threshold"],
         },
     )
     print(f"bundle {path}: {b.card()['arch']} at {b.input_size} px with heads {', '.join(b.heads)}")

@@ -95,6 +95,14 @@ def screw_mm(screw: dict[str, Any], spacing: Spacing) -> dict[str, Any]:
     }
 
 
+def _threshold(given: float | None, head: tuple[Path, dict[str, Any]] | None, default: float) -> float:
+    """``given``, else the head's tuned operating point, else ``default``."""
+    if given is not None:
+        return float(given)
+    op = (head[1].get("operating_point") or {}) if head is not None else {}
+    return float(op.get("threshold", default))
+
+
 @dataclass
 class ModelBundle:
     """A backbone and its heads, ready to predict on original-size images."""
@@ -115,14 +123,18 @@ class ModelBundle:
         backbone_path: str | Path,
         head_paths: Sequence[str | Path],
         out: str | Path,
-        detect_threshold: float = 0.3,
-        mask_threshold: float = 0.5,
+        detect_threshold: float | None = None,
+        mask_threshold: float | None = None,
     ) -> Path:
-        """Assemble a bundle folder from an exported backbone and head bundles; return its path."""
+        """Assemble a bundle folder from an exported backbone and head bundles; return its path.
+
+        A threshold left at None is the head's tuned operating point (``head.json``
+        ``operating_point``, chosen on the val split by ``heads train``), else 0.3 / 0.5.
+        """
         from xrayfm.tasks.train import HEAD_CARD, HEAD_WEIGHTS, load_head_bundle
 
         for name, value in (("detect_threshold", detect_threshold), ("mask_threshold", mask_threshold)):
-            if not 0.0 < value < 1.0:
+            if value is not None and not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must lie in (0, 1), got {value}")
         _, bb_card = load_backbone(str(backbone_path))
         if not head_paths:
@@ -175,7 +187,10 @@ class ModelBundle:
             "intensity_convention": bb_card.get("intensity_convention"),
             "class_names": _class_names(heads["classify"][1]) if "classify" in heads else None,
             "heads": {t: {"head": c["head"], "dir": f"heads/{t}"} for t, (_, c) in heads.items()},
-            "options": {"detect_threshold": detect_threshold, "mask_threshold": mask_threshold},
+            "options": {
+                "detect_threshold": _threshold(detect_threshold, heads.get("detect"), 0.3),
+                "mask_threshold": _threshold(mask_threshold, heads.get("segment"), 0.5),
+            },
             "backbone_weights_sha256": bb_card.get("weights_sha256"),
         }
         atomic_write_text(out_dir / BUNDLE_CARD, json.dumps(card, indent=2))

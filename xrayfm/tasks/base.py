@@ -22,6 +22,7 @@ class HeadTask:
 
     def __init__(self, num_classes: int | None = None) -> None:
         self.num_classes = num_classes
+        self.threshold: float | None = None  # decision threshold (operating point); None: the task has none
 
     @property
     def head_task(self) -> str:
@@ -51,6 +52,19 @@ class HeadTask:
 
     def metrics(self, preds: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def predict_soft(self, out: Tensor, originals: Sequence[LabeledImage], size: tuple[int, int]) -> list[Any]:
+        """Predictions before the decision threshold (default: :meth:`predict`)."""
+        return self.predict(out, originals, size)
+
+    def decide(self, soft: list[Any]) -> list[Any]:
+        """:meth:`predict_soft` output at ``self.threshold`` -> what :meth:`predict` returns."""
+        return soft
+
+    def tune_threshold(self, soft: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any] | None:
+        """The operating point that maximises this task's criterion on labelled ``items`` (the val
+        split), from :meth:`predict_soft` output; None when the task has no threshold."""
+        return None
 
 
 def register_task(cls: type[HeadTask]) -> type[HeadTask]:

@@ -34,9 +34,10 @@ from xrayfm.conventions import direction_deg
 from xrayfm.models.heads import N_HEATMAPS, KeypointHead
 from xrayfm.tasks.base import HeadTask, register_task
 from xrayfm.tasks.data import LabeledImage, scale_screw
-from xrayfm.tasks.metrics import detection_metrics
+from xrayfm.tasks.metrics import detection_metrics, f1_operating_point
 
 STRIDE = KeypointHead.stride
+CANDIDATE_THRESHOLD = 0.05  # lowest heatmap peak that competes in the head-tip pairing
 # Regression channels (after the 2 heatmaps) owned by the head cell and by the tip cell.
 HEAD_REG = [0, 1, 4, 5, 8]   # head offset x/y, head->tip x/y, box margin
 TIP_REG = [2, 3, 6, 7]       # tip offset x/y, tip->head x/y
@@ -151,10 +152,14 @@ def _decode_one(out: Tensor, threshold: float, stride: int) -> list[dict[str, An
 
 
 @torch.no_grad()
-def decode_screws(out: Tensor, threshold: float = 0.3, max_screws: int = 50,
-                  stride: int = STRIDE) -> list[list[dict[str, Any]]]:
-    """Head output ``(B, 11, h, w)`` -> per image, screws in input pixels, best score first."""
-    return [_decode_one(o.cpu(), threshold, stride)[:max_screws] for o in out]
+def decode_screws(out: Tensor, threshold: float = 0.3, max_screws: int = 50, stride: int = STRIDE,
+                  candidates: float = CANDIDATE_THRESHOLD) -> list[list[dict[str, Any]]]:
+    """Head output ``(B, 11, h, w)`` -> per image, screws scoring ``>= threshold`` in input
+    pixels, best score first. Peaks down to ``min(candidates, threshold)`` take part in the
+    pairing, so a screw kept at one threshold is the same screw at any other: what ``evaluate``
+    measures at an operating point is what ``predict`` returns there."""
+    floor = min(candidates, threshold)
+    return [[s for s in _decode_one(o.cpu(), floor, stride) if s["score"] >= threshold][:max_screws] for o in out]
 
 
 @register_task
@@ -166,7 +171,7 @@ class DetectTask(HeadTask):
     input_kind = "dense"
 
     def __init__(self, num_classes: int | None = None, threshold: float = 0.3, max_dist: float = 10.0,
-                 ap_threshold: float = 0.05) -> None:
+                 ap_threshold: float = CANDIDATE_THRESHOLD) -> None:
         """``threshold``: operating point of precision/recall/errors; predictions are decoded down
         to ``ap_threshold`` so AP sees the low-confidence tail of the ranking."""
         super().__init__(num_classes)
@@ -194,6 +199,19 @@ class DetectTask(HeadTask):
                 s["angle_deg"] = direction_deg(s["head"], s["tip"])
             preds.append(scaled)
         return preds
+
+    def tune_threshold(self, soft: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any] | None:
+        """The score threshold with the highest F1 of matched screws (None: no screws or no
+        predictions); ``at_default`` is the F1 at the current threshold."""
+        trues = [it.screws or [] for it in items]
+        best = f1_operating_point(soft, trues, self.max_dist)
+        if best is None:
+            return None
+        at = detection_metrics(soft, trues, self.max_dist, score_threshold=self.threshold)
+        p, r = at["precision"], at["recall"]
+        return {"threshold": best["threshold"], "criterion": "f1", "value": best["f1"],
+                "precision": best["precision"], "recall": best["recall"],
+                "at_default": 2 * p * r / (p + r) if p + r > 0 else 0.0}
 
     def metrics(self, preds: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any]:
         return detection_metrics(preds, [it.screws or [] for it in items], max_dist=self.max_dist,

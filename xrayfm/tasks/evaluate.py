@@ -5,10 +5,10 @@
     {"backbone": {"arch", "method", "checkpoint"},
      "classification": {"accuracy", "precision_macro", "recall_macro", "f1_macro", "top3_accuracy",
                         "confusion_matrix", "n", "knn_accuracy"?, "baselines"?},
-     "segmentation": {"dice_mean", "iou_mean", "boundary_dice_mean", "n", ...},
+     "segmentation": {"dice_mean", "iou_mean", "boundary_dice_mean", "n", "threshold", ...},
      "vertebrae_segmentation": {same keys as segmentation},
      "detection": {"precision", "recall", "ap", "head_error_px", "tip_error_px", "angle_error_deg",
-                   "head_error_mm", "tip_error_mm", ...},
+                   "head_error_mm", "tip_error_mm", "threshold", ...},
      "heads": {task: head bundle path}, "split": ..., "n_images": ...}
 
 Only the tasks of the given heads appear. Per-image lists are left out of the document.
@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import LabeledImage, images_tensor, load_labeled_images, resize_item
-from xrayfm.tasks.train import load_head_bundle, predict_items
+from xrayfm.tasks.train import load_head_bundle, predict_items, task_for_head
 
 SECTION = {"classify": "classification", "segment": "segmentation",
            "segment_vertebrae": "vertebrae_segmentation", "detect": "detection"}
@@ -127,8 +126,7 @@ def evaluate_heads(backbone_path: str | Path, head_paths: Sequence[str | Path], 
         bb = backbone
         if hcard.get("fine_tuned_backbone"):
             bb, _ = _load_backbone(Path(hp) / hcard["fine_tuned_backbone"])
-        num_classes = hcard["head_kwargs"].get("num_classes") if hcard["task"] == "classify" else None
-        task = get_task(hcard["task"], num_classes)
+        task = task_for_head(hcard)
         section = SECTION[task.name]
         if section in doc:
             raise ValueError(f"two heads for task {task.name}; evaluate one head per task at a time")
@@ -137,6 +135,8 @@ def evaluate_heads(backbone_path: str | Path, head_paths: Sequence[str | Path], 
             raise ValueError(f"no images of this split carry a {task.name} label; check --labels and --split")
         preds = predict_items(bb, head, task, labelled, int(hcard["img_size"]), progress=progress)
         metrics = _strip_lists(task.metrics(preds, labelled))
+        if task.threshold is not None:
+            metrics["threshold"] = task.threshold
         if task.name == "classify" and train_items:
             tr = [it for it in train_items if task.has_label(it)]
             metrics["baselines"] = classification_baselines(bb, tr, labelled, task.num_classes or 0,

@@ -264,6 +264,41 @@ def _image_tp_curve(preds: Sequence[dict[str, Any]], trues: Sequence[dict[str, A
     return np.diff(np.concatenate([[0], counts])).astype(np.float64)
 
 
+def ranked_tp_increments(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence[Sequence[dict[str, Any]]],
+                         max_dist: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """Scores of all predictions of all images, best first, and the TP increment at each rank: the
+    TPs of the predictions scoring ``>= scores[i]`` are ``increments[: i + 1].sum()`` (ties aside)."""
+    ranked: list[tuple[float, float]] = []
+    for p, t in zip(preds, trues):
+        scores = np.asarray([float(s["score"]) for s in p])
+        order = np.argsort(-scores, kind="stable")
+        ranked += list(zip(scores[order], _image_tp_curve(p, t, order, max_dist)))
+    ranked.sort(key=lambda r: -r[0])
+    return (np.asarray([r[0] for r in ranked], dtype=np.float64),
+            np.asarray([r[1] for r in ranked], dtype=np.float64))
+
+
+def f1_operating_point(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence[Sequence[dict[str, Any]]],
+                       max_dist: float = 10.0) -> dict[str, float] | None:
+    """The score threshold with the highest F1 of matched screws, with its precision and recall.
+
+    The threshold lies halfway between the last kept score and the next lower one, so it does not
+    sit on a score of the data it was chosen on. None when there are no predictions or no truths.
+    """
+    scores, incr = ranked_tp_increments(preds, trues, max_dist)
+    n_true = sum(len(t) for t in trues)
+    if not len(scores) or n_true == 0:
+        return None
+    tp = np.cumsum(incr)
+    kept = np.arange(1, len(scores) + 1)
+    last = np.r_[scores[1:] < scores[:-1], True]  # end of a group of tied scores
+    prec, rec = tp / kept, tp / n_true
+    f1 = np.where(tp > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
+    i = int(np.argmax(np.where(last, f1, -1.0)))
+    thr = float((scores[i] + scores[i + 1]) / 2) if i + 1 < len(scores) else float(scores[i])
+    return {"threshold": thr, "f1": float(f1[i]), "precision": float(prec[i]), "recall": float(rec[i])}
+
+
 def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence[Sequence[dict[str, Any]]],
                       max_dist: float = 10.0, spacings: Sequence[Spacing] | None = None,
                       min_angle_length: float = 5.0, score_threshold: float = 0.0) -> dict[str, Any]:
@@ -282,12 +317,9 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
     ang: list[float] = []
     head_mm: list[float] = []
     tip_mm: list[float] = []
-    ranked: list[tuple[float, float]] = []  # (score, tp increment) over all images
+    _, incr = ranked_tp_increments(preds, trues, max_dist)
     tp = 0
     for i, (p, t) in enumerate(zip(preds, trues)):
-        scores = np.asarray([float(s["score"]) for s in p])
-        order = np.argsort(-scores, kind="stable")
-        ranked += list(zip(scores[order], _image_tp_curve(p, t, order, max_dist)))
         sp = _spacing_rc(spacings[i]) if spacings is not None else None
         p = [s for s in p if float(s["score"]) >= score_threshold]
         for pi, ti, _ in match_screws(p, t, max_dist):
@@ -302,8 +334,6 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
                 tip_mm.append(float(np.linalg.norm((pt - tt) * scale)))
             if not t[ti].get("end_on", False) and np.linalg.norm(tt - th) >= min_angle_length:
                 ang.append(angle_difference(direction_deg(ph, pt), direction_deg(th, tt)))
-    ranked.sort(key=lambda r: -r[0])
-    incr = np.asarray([r[1] for r in ranked], dtype=np.float64)
 
     def mean(v: list[float]) -> float | None:
         return float(np.mean(v)) if v else None

@@ -64,6 +64,7 @@ class HeadTrainConfig:
     unfreeze: int = 0                # last N blocks/stages fine-tuned; -1 = all
     backbone_lr_scale: float = 0.1
     label_fraction: float = 1.0      # <= 1: fraction per class; > 1: items per class
+    tune_threshold: bool = True      # heads train: pick the segment/detect threshold on the val split
     seed: int = 0
 
     def validate(self) -> None:
@@ -253,8 +254,10 @@ def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: li
 @torch.no_grad()
 def predict_items(backbone: nn.Module, head: nn.Module, task: HeadTask, items: Sequence[LabeledImage],
                   img_size: int, batch_size: int = 32,
-                  progress: Callable[[int], None] | None = None) -> list[Any]:
-    """Task predictions for ``items``, in each item's own pixel frame."""
+                  progress: Callable[[int], None] | None = None, soft: bool = False) -> list[Any]:
+    """Task predictions for ``items``, in each item's own pixel frame (``soft``: before the
+    decision threshold, :meth:`HeadTask.predict_soft`)."""
+    predict = task.predict_soft if soft else task.predict
     backbone.eval()
     head.eval()
     size = (img_size, img_size)
@@ -263,7 +266,7 @@ def predict_items(backbone: nn.Module, head: nn.Module, task: HeadTask, items: S
         chunk = list(items[i:i + batch_size])
         x = images_tensor([resize_item(it, *size) for it in chunk])
         out = task.run_head(head, backbone_features(backbone, x, task.input_kind), size)
-        preds += task.predict(out, chunk, size)
+        preds += predict(out, chunk, size)
         if progress is not None:
             progress(len(chunk))
     return preds
@@ -295,6 +298,23 @@ def save_head_bundle(out_dir: str | Path, head: nn.Module, cfg: HeadTrainConfig,
     }
     atomic_write_text(out / HEAD_CARD, json.dumps(card, indent=2, default=str))
     return out
+
+
+def record_operating_point(out_dir: str | Path, operating_point: dict[str, Any]) -> None:
+    """Add the tuned ``operating_point`` (threshold, criterion, split) to a head bundle's card."""
+    path = Path(out_dir) / HEAD_CARD
+    card = json.loads(path.read_text())
+    card["operating_point"] = operating_point
+    atomic_write_text(path, json.dumps(card, indent=2, default=str))
+
+
+def task_for_head(card: dict[str, Any]) -> HeadTask:
+    """The task of a head bundle's card, at the bundle's tuned operating point when it has one."""
+    num_classes = card["head_kwargs"].get("num_classes") if card["task"] == "classify" else None
+    task = get_task(card["task"], num_classes)
+    if (op := card.get("operating_point")) and task.threshold is not None:
+        task.threshold = float(op["threshold"])
+    return task
 
 
 def load_head_bundle(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
