@@ -121,3 +121,20 @@ def test_bundle_takes_the_heads_tuned_thresholds(tmp_path: Path, bundle_dir: Pat
     assert ModelBundle.load(given).options == {"detect_threshold": 0.6, "mask_threshold": 0.35}
     untuned = ModelBundle.create(bundle_dir, [bundle_dir / "heads" / "segment"], tmp_path / "untuned")
     assert ModelBundle.load(untuned).options == {"detect_threshold": 0.3, "mask_threshold": 0.5}
+
+
+def test_resnet_region_head_reads_every_stage_in_training_and_in_the_bundle(tmp_path: Path) -> None:
+    from tasks_rods import build_tiny_bundle, rod_item
+
+    from xrayfm.tasks.base import get_task
+    from xrayfm.tasks.train import load_head_bundle, predict_items
+
+    bundle = ModelBundle.load(build_tiny_bundle(tmp_path, ("classify",), arch="resnet18"))
+    head, card = load_head_bundle(tmp_path / "head_classify")
+    assert card["head_kwargs"]["pool"] == "multilevel" and card["train_config"]["pool"] == "multilevel"
+    assert head.fc.in_features == sum(bundle.backbone.dense_channels) == 960
+    items = [rod_item(i, size=BUNDLE_SIZE + 16) for i in range(3)]
+    probs = predict_items(bundle.backbone, head, get_task("classify"), items, BUNDLE_SIZE)
+    served = bundle.predict([it.image for it in items])
+    for p, r in zip(probs, served):
+        np.testing.assert_allclose(list(r["probabilities"].values()), p, atol=1e-5)

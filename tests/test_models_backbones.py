@@ -228,3 +228,22 @@ def test_vit_under_cpu_autocast_keeps_attention_fp32_and_matches() -> None:
     assert qkv_dtypes == [torch.float32, torch.bfloat16]
     cos = torch.nn.functional.cosine_similarity(low.float(), ref).item()
     assert cos > 0.99, cos
+
+
+@pytest.mark.parametrize("arch", ["vit_tiny_patch16", "resnet18"])
+def test_pooled_embeddings(arch: str) -> None:
+    from xrayfm.models.backbones import pool_levels
+
+    torch.manual_seed(0)
+    bb = create_backbone(arch, img_size=64).eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(bb.forward_pooled(x, "final"), bb(x))
+        levels = bb.forward_pooled(x, "multilevel")
+        dense = bb.forward_dense(x)
+    assert levels.shape == (2, sum(bb.dense_channels))
+    torch.testing.assert_close(levels[:, -bb.dense_channels[-1]:], dense[-1].mean(dim=(2, 3)))
+    torch.testing.assert_close(levels, pool_levels(dense))
+    assert bb.resolve_pool("auto") == ("multilevel" if arch == "resnet18" else "final")
+    with pytest.raises(ValueError, match="pool must be one of final, multilevel"):
+        bb.forward_pooled(x, "max")

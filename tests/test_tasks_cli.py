@@ -80,6 +80,7 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
     (["--task", "dance"], "unknown task 'dance'"),
     (["--task", "segment", "--labels", "/nonexistent/labels.parquet"], "no labels file"),
     (["--task", "segment", "--img-size", "50"], "multiple of 32"),
+    (["--task", "classify", "--pool", "max"], "pool must be auto or one of final, multilevel"),
 ])
 def test_train_bad_input_is_one_line(world: Path, capsys: pytest.CaptureFixture[str], args: list[str],
                                      message: str) -> None:

@@ -99,6 +99,9 @@ def train_cmd(
                                           "the feature cache holds all 8 (8x memory); default off.")] = None,
     feature_norm: Annotated[str | None, _Opt(help="Pooled heads' input: 'standardize' (train-set feature "
                                              "statistics) or 'layernorm' (per image) [standardize].")] = None,
+    pool: Annotated[str | None, _Opt(help="Pooled heads' embedding: 'final' (the backbone's own), 'multilevel' "
+                                     "(average of every dense level) or 'auto' (multilevel for ResNets, "
+                                     "final for ViTs) [auto].")] = None,
     tune_threshold: Annotated[bool | None, _Opt("--tune-threshold/--no-tune-threshold",
                                                 help="Choose the mask probability (segment) or screw score "
                                                 "(detect) threshold that maximises val Dice / F1; default on.")] = None,
@@ -121,7 +124,7 @@ def train_cmd(
     given = {"task": task, "head": head, "epochs": epochs, "batch_size": batch_size, "lr": lr,
              "img_size": img_size, "label_fraction": label_fraction, "unfreeze": unfreeze,
              "augment": augment, "dihedral": dihedral, "feature_norm": feature_norm,
-             "tune_threshold": tune_threshold, "seed": seed}
+             "pool": pool, "tune_threshold": tune_threshold, "seed": seed}
     t0 = time.time()
     try:
         base = load_yaml(HeadTrainConfig, config) if config else HeadTrainConfig()

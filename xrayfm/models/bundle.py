@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from xrayfm.config import atomic_write_bytes, atomic_write_text
 from xrayfm.conventions import check_image, direction_deg
-from xrayfm.models.backbones import Backbone, ResNetBackbone, ViTBackbone
+from xrayfm.models.backbones import Backbone, ResNetBackbone, ViTBackbone, pool_levels
 from xrayfm.models.card import CARD_NAME, WEIGHTS_NAME, load_backbone
+from xrayfm.models.heads import head_pool
 
 BUNDLE_FORMAT = "xrayfm-model-bundle"
 BUNDLE_VERSION = 1
@@ -274,11 +275,12 @@ class ModelBundle:
         x = torch.from_numpy(
             np.stack([_resize(check_image(im, f"image {i}"), s) for i, im in enumerate(images)])
         )[:, None].to(self.device)
-        need_dense = any(t in self.heads for t in ("segment", "detect"))
+        cls_pool = head_pool(self.heads["classify"]) if "classify" in self.heads else "final"
+        need_dense = any(t in self.heads for t in ("segment", "detect")) or cls_pool == "multilevel"
         pooled, dense = joint_features(self.backbone, x, dense=need_dense)
         results = [{"height": int(im.shape[0]), "width": int(im.shape[1])} for im in images]
         if "classify" in self.heads:
-            self._classify(pooled, results)
+            self._classify(pool_levels(dense) if cls_pool == "multilevel" else pooled, results)
         if "segment" in self.heads:
             self._segment(self.heads["segment"](dense, size=(s, s)), images, results)
         if "detect" in self.heads:

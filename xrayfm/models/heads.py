@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xrayfm.models.backbones import POOLINGS
+
 DETECTION_CHANNELS = ("heat_head", "heat_tip", "head_off_x", "head_off_y", "tip_off_x", "tip_off_y",
                       "head_to_tip_x", "head_to_tip_y", "tip_to_head_x", "tip_to_head_y", "box_pad")
 N_HEATMAPS = 2
@@ -61,10 +63,22 @@ def create_head(name: str, embed_dim: int, dense_channels: Sequence[int], dense_
     """Build a registered head for a backbone with the given feature geometry."""
     head_info(name)
     task, kind, factory = _HEADS[name]
+    pool = kwargs.get("pool", "final")
+    if kind == "pooled":
+        if pool not in POOLINGS:
+            raise ValueError(f"head {name}: pool must be one of {', '.join(POOLINGS)}, got {pool!r}")
+        embed_dim = embed_dim if pool == "final" else sum(dense_channels)
     head = factory(embed_dim=embed_dim, dense_channels=list(dense_channels),
                    dense_strides=list(dense_strides), **kwargs)
     head.head_name, head.task, head.input_kind = name, task, kind  # type: ignore[assignment]
+    if kind == "pooled":
+        head.pool = pool  # which pooled embedding of the backbone the head reads
     return head
+
+
+def head_pool(head: nn.Module) -> str:
+    """The pooled embedding a head reads (``Backbone.forward_pooled``); "final" for dense heads."""
+    return str(getattr(head, "pool", "final"))
 
 
 POOLED_NORMS = ("standardize", "layernorm")

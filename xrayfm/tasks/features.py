@@ -65,10 +65,11 @@ class FeatureCache:
         return cls(meta["kind"], feats, json.loads(meta["image_ids"]), json.loads(meta.get("info", "{}")))
 
 
-def backbone_features(backbone: torch.nn.Module, images: torch.Tensor, kind: str) -> torch.Tensor | list[torch.Tensor]:
-    """One backbone call: pooled ``(B, D)`` or the list of dense maps."""
+def backbone_features(backbone: torch.nn.Module, images: torch.Tensor, kind: str,
+                      pool: str = "final") -> torch.Tensor | list[torch.Tensor]:
+    """One backbone call: the pooled embedding ``pool`` ``(B, D)`` or the list of dense maps."""
     if kind == "pooled":
-        return backbone(images)
+        return backbone.forward_pooled(images, pool) if pool != "final" else backbone(images)
     if kind == "dense":
         return list(backbone.forward_dense(images))
     raise ValueError(f"feature kind {kind!r} is not one of {KINDS}")
@@ -77,8 +78,9 @@ def backbone_features(backbone: torch.nn.Module, images: torch.Tensor, kind: str
 @torch.no_grad()
 def compute_features(backbone: torch.nn.Module, images: Iterable[tuple[str, torch.Tensor]], kind: str,
                      info: dict[str, Any] | None = None,
-                     progress: Callable[[int], None] | None = None) -> FeatureCache:
-    """Run ``backbone`` (eval mode) over batches ``(ids, (B, 1, H, W) in [0,1])`` into a cache.
+                     progress: Callable[[int], None] | None = None, pool: str = "final") -> FeatureCache:
+    """Run ``backbone`` (eval mode) over batches ``(ids, (B, 1, H, W) in [0,1])`` into a cache
+    (pooled caches hold the embedding ``pool``, :func:`backbone_features`).
 
     ``progress(n)`` is called with the number of images done in each batch.
     """
@@ -88,7 +90,7 @@ def compute_features(backbone: torch.nn.Module, images: Iterable[tuple[str, torc
     chunks: list[list[torch.Tensor]] = []
     try:
         for batch_ids, x in images:
-            out = backbone_features(backbone, x, kind)
+            out = backbone_features(backbone, x, kind, pool)
             maps = [out] if kind == "pooled" else out
             chunks.append([m.detach().to(torch.float16) for m in maps])
             ids += list(batch_ids)

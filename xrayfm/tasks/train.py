@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from xrayfm.config import atomic_write_bytes, atomic_write_text
-from xrayfm.models.heads import POOLED_NORMS, create_head, head_info, input_standardizer
+from xrayfm.models.backbones import POOLINGS
+from xrayfm.models.heads import POOLED_NORMS, create_head, head_info, head_pool, input_standardizer
 from xrayfm.tasks.base import HeadTask, get_task
 from xrayfm.tasks.data import (
     DIHEDRAL_ELEMENTS,
@@ -53,6 +54,7 @@ class HeadTrainConfig:
     num_classes: int | None = None   # classification only; None = the 11 body regions
     head_width: int = 64             # channels of the dense heads' decoder
     feature_norm: str = "standardize"  # pooled heads' input: train-set "standardize" or per-item "layernorm"
+    pool: str = "auto"               # pooled heads' embedding: "final", "multilevel", "auto" (per family)
     seg_out_stride: int = 4          # segmentation logits' stride: 4, or 2 / 1 for thin structures
     img_size: int = 224
     epochs: int = 30
@@ -78,6 +80,7 @@ class HeadTrainConfig:
             (self.seg_out_stride in (1, 2, 4), f"seg_out_stride must be 1, 2 or 4, got {self.seg_out_stride}"),
             (self.feature_norm in POOLED_NORMS,
              f"feature_norm must be one of {', '.join(POOLED_NORMS)}, got {self.feature_norm!r}"),
+            (self.pool in ("auto", *POOLINGS), f"pool must be auto or one of {', '.join(POOLINGS)}, got {self.pool!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -122,7 +125,7 @@ def set_trainable(backbone: nn.Module, unfreeze: int) -> list[nn.Parameter]:
 def head_arguments(task: HeadTask, cfg: HeadTrainConfig) -> dict[str, Any]:
     """Keyword arguments the head of ``task`` is built with (saved in the head bundle)."""
     kwargs = task.head_kwargs() | ({"width": cfg.head_width} if task.input_kind == "dense"
-                                   else {"feature_norm": cfg.feature_norm})
+                                   else {"feature_norm": cfg.feature_norm, "pool": cfg.pool})
     return kwargs | ({"out_stride": cfg.seg_out_stride} if task.head_task == "segment" else {})
 
 
@@ -136,8 +139,11 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
     stratified by region for classification); returns the head and per-epoch mean losses.
 
     ``progress(n)`` is called with the number of images processed (feature pass and epochs).
+    ``cfg.pool`` "auto" is resolved in place to the backbone family's pooling, so the config
+    saved with the head names the embedding it reads.
     """
     cfg.validate()
+    cfg.pool = backbone.resolve_pool(cfg.pool)
     task = get_task(cfg.task, cfg.num_classes)
     labelled = [it for it in items if task.has_label(it)]
     if not labelled:
@@ -199,7 +205,7 @@ def _fit_on_cache(backbone: nn.Module, head: nn.Module, task: HeadTask, items: l
     base = [resize_item(it, *size) for it in items]
     n, views = len(base), cfg.cache_views
     cache = compute_features(backbone, _view_batches(base, views, cfg.batch_size), task.input_kind,
-                             progress=progress)
+                             progress=progress, pool=head_pool(head))
     if (norm := input_standardizer(head)) is not None:
         norm.fit(cache.feats[0])
     history = []
@@ -225,7 +231,8 @@ def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: li
     size = (cfg.img_size, cfg.img_size)
     base = [resize_item(it, *size) for it in items]
     if (norm := input_standardizer(head)) is not None:  # un-augmented images, starting backbone
-        norm.fit(compute_features(backbone, _view_batches(base, 1, cfg.batch_size), task.input_kind).feats[0])
+        norm.fit(compute_features(backbone, _view_batches(base, 1, cfg.batch_size), task.input_kind,
+                                  pool=head_pool(head)).feats[0])
     history = []
     head.train()
     backbone.eval()  # frozen parts keep their normalisation statistics
@@ -243,7 +250,7 @@ def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: li
                 batch = [dihedral_item(it, k) for it, k in zip(batch, ks)]
             x = images_tensor(batch)
             with torch.set_grad_enabled(cfg.unfreeze != 0):
-                feats = backbone_features(backbone, x, task.input_kind)
+                feats = backbone_features(backbone, x, task.input_kind, head_pool(head))
             out = task.run_head(head, feats, size)
             losses.append(_step(task.loss(out, task.targets(batch)), opt, sched))
             progress(len(idx))
@@ -265,7 +272,7 @@ def predict_items(backbone: nn.Module, head: nn.Module, task: HeadTask, items: S
     for i in range(0, len(items), batch_size):
         chunk = list(items[i:i + batch_size])
         x = images_tensor([resize_item(it, *size) for it in chunk])
-        out = task.run_head(head, backbone_features(backbone, x, task.input_kind), size)
+        out = task.run_head(head, backbone_features(backbone, x, task.input_kind, head_pool(head)), size)
         preds += predict(out, chunk, size)
         if progress is not None:
             progress(len(chunk))
