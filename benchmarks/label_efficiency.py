@@ -13,7 +13,7 @@ stratified by body region.
     .venv/bin/python benchmarks/label_efficiency.py --lake LAKE --labels SYNTH_RUN \
         --backbone dino=runs/resnet18 --backbone random:resnet18 [--fractions 0.01,0.1,1]
         [--tasks classify,segment,detect] [--img-size 128] [--steps 300] [--threads 2] [--dihedral]
-        [--feature-norm standardize|layernorm] [--unfreeze N] [--tune]
+        [--feature-norm standardize|layernorm] [--pool auto|final|multilevel] [--unfreeze N] [--tune]
         [--out benchmarks/results/label_efficiency.json]
 """
 
@@ -31,6 +31,7 @@ import torch
 from common import backbone_from_spec
 
 from xrayfm.config import atomic_write_text, versions
+from xrayfm.models.backbones import POOLINGS
 from xrayfm.models.heads import POOLED_NORMS
 from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import label_subset, load_labeled_images
@@ -70,6 +71,8 @@ def main() -> None:
                     help="fine-tune the last N blocks/stages (-1: all) at lr/10 instead of the frozen cache")
     ap.add_argument("--feature-norm", default="standardize", choices=POOLED_NORMS,
                     help="the region head's input normalisation (HeadTrainConfig.feature_norm)")
+    ap.add_argument("--pool", default="auto", choices=("auto", *POOLINGS),
+                    help="the region head's pooled embedding (HeadTrainConfig.pool)")
     ap.add_argument("--tune", action="store_true",
                     help="also report segment/detect test metrics at the threshold tuned on the val split")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -96,7 +99,7 @@ def main() -> None:
                 lr = 3e-3 if task_name == "segment" else 1e-2
                 cfg = HeadTrainConfig(task=task_name, img_size=args.img_size, epochs=epochs,
                                       batch_size=args.batch_size, lr=lr, label_fraction=frac, seed=args.seed,
-                                      dihedral=args.dihedral, feature_norm=args.feature_norm,
+                                      dihedral=args.dihedral, feature_norm=args.feature_norm, pool=args.pool,
                                       unfreeze=args.unfreeze)
                 if args.unfreeze:  # fine-tuning changes the backbone in place: start each run afresh
                     bb = backbone_from_spec(spec)[1]
@@ -106,7 +109,7 @@ def main() -> None:
                 task = get_task(task_name)  # at its default threshold
                 soft = predict_items(bb, head, task, test, args.img_size, soft=True)
                 row = {"backbone": label, "task": task_name, "fraction": frac, "n_train": n_items,
-                       "epochs": epochs, "train_s": round(train_s, 1),
+                       "epochs": epochs, "train_s": round(train_s, 1), **({"pool": cfg.pool} if task_name == "classify" else {}),
                        **_rounded(task.metrics(task.decide(soft), test), task_name)}
                 if args.tune and task.threshold is not None:  # as `heads train`: threshold chosen on val
                     op = task.tune_threshold(predict_items(bb, head, task, val, args.img_size, soft=True), val)
@@ -118,7 +121,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     result = {"lake": args.lake, "n_train": len(train), "n_test": len(test), "img_size": args.img_size,
               "steps": args.steps, "dihedral": args.dihedral, "tune": args.tune,
-              "feature_norm": args.feature_norm, "unfreeze": args.unfreeze, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
+              "feature_norm": args.feature_norm, "pool": args.pool, "unfreeze": args.unfreeze, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
               "versions": versions(), "rows": rows}
     atomic_write_text(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")
