@@ -122,6 +122,9 @@ def test_detection_metrics_hand_case() -> None:
     # only the first screw has an angle (second is end-on): atan2(2, 19) vs 0
     assert r["angle_error_deg"] == pytest.approx(np.degrees(np.arctan2(2, 19)))
     assert r["angle_error_median_deg"] == r["angle_error_deg"] and r["reversed_rate"] == 0.0
+    # both truths (20 px and, end-on, 30 px long) were found
+    assert r["recall_by_length_px"] == {"0-10": {"n": 0, "recall": None}, "10-20": {"n": 0, "recall": None},
+                                        "20-40": {"n": 2, "recall": 1.0}, "40+": {"n": 0, "recall": None}}
     # ranking: 0.95 FP, 0.9 TP, 0.8 TP, 0.7 FP -> precision 1/2, 2/3 at recall 0.5, 1.0
     assert r["ap"] == pytest.approx(0.5 * (2 / 3) + 0.5 * (2 / 3))
 
@@ -145,6 +148,7 @@ def test_score_threshold_sets_operating_point_but_not_ap() -> None:
     all_preds = M.detection_metrics(preds, trues)
     op = M.detection_metrics(preds, trues, score_threshold=0.3)
     assert (op["n_pred"], op["n_matched"], op["precision"], op["recall"]) == (1, 1, 1.0, 0.5)
+    assert op["recall_by_length_px"]["20-40"] == {"n": 2, "recall": 0.5}
     assert (all_preds["n_pred"], all_preds["precision"], all_preds["recall"]) == (3, 2 / 3, 1.0)
     assert op["ap"] == all_preds["ap"] == pytest.approx(1.0)
 

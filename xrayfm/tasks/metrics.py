@@ -319,10 +319,16 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
     tip_mm: list[float] = []
     _, incr = ranked_tp_increments(preds, trues, max_dist)
     tp = 0
+    lengths: list[float] = []  # of every true screw, and whether it was found
+    found: list[bool] = []
     for i, (p, t) in enumerate(zip(preds, trues)):
         sp = _spacing_rc(spacings[i]) if spacings is not None else None
         p = [s for s in p if float(s["score"]) >= score_threshold]
-        for pi, ti, _ in match_screws(p, t, max_dist):
+        matches = match_screws(p, t, max_dist)
+        hit = {ti for _, ti, _ in matches}
+        lengths += [float(np.linalg.norm(np.subtract(s["tip"], s["head"]))) for s in t]
+        found += [j in hit for j in range(len(t))]
+        for pi, ti, _ in matches:
             tp += 1
             ph, pt = np.asarray(p[pi]["head"], float), np.asarray(p[pi]["tip"], float)
             th, tt = np.asarray(t[ti]["head"], float), np.asarray(t[ti]["tip"], float)
@@ -357,4 +363,19 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
         "n_matched": tp,
         "max_dist_px": max_dist,
         "score_threshold": score_threshold,
+        "recall_by_length_px": _recall_by_length(np.asarray(lengths), np.asarray(found, dtype=bool)),
     }
+
+
+LENGTH_BINS_PX = (0.0, 10.0, 20.0, 40.0, float("inf"))
+
+
+def _recall_by_length(lengths: np.ndarray, found: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Recall of the true screws in each head-tip length bin of :data:`LENGTH_BINS_PX` (px):
+    ``{"0-10": {"n": ..., "recall": ... or None}, ..., "40+": ...}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for lo, hi in zip(LENGTH_BINS_PX[:-1], LENGTH_BINS_PX[1:]):
+        inside = (lengths >= lo) & (lengths < hi)
+        name = f"{lo:g}-{hi:g}" if np.isfinite(hi) else f"{lo:g}+"
+        out[name] = {"n": int(inside.sum()), "recall": float(found[inside].mean()) if inside.any() else None}
+    return out
