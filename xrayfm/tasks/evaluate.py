@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from xrayfm.models.heads import head_pool
 from xrayfm.tasks.data import LabeledImage, images_tensor, load_labeled_images, resize_item
+from xrayfm.tasks.features import backbone_features
 from xrayfm.tasks.train import load_head_bundle, predict_items, task_for_head
 
 SECTION = {"classify": "classification", "segment": "segmentation",
@@ -39,13 +41,15 @@ def _load_backbone(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 @torch.no_grad()
 def pooled_features(backbone: nn.Module, items: Sequence[LabeledImage], img_size: int,
-                    batch_size: int = 64, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Pooled embeddings ``(N, D)`` float32 of items resized to ``img_size``."""
+                    batch_size: int = 64, progress: Callable[[int], None] | None = None,
+                    pool: str = "final") -> torch.Tensor:
+    """Pooled embeddings ``(N, D)`` float32 of items resized to ``img_size`` (``pool``:
+    ``Backbone.forward_pooled``)."""
     backbone.eval()
     out = []
     for i in range(0, len(items), batch_size):
         chunk = [resize_item(it, img_size) for it in items[i:i + batch_size]]
-        out.append(backbone(images_tensor(chunk)).float())
+        out.append(backbone_features(backbone, images_tensor(chunk), "pooled", pool).float())
         if progress is not None:
             progress(len(chunk))
     return torch.cat(out) if out else torch.zeros(0, getattr(backbone, "embed_dim", 0))
@@ -85,9 +89,11 @@ def knn_region_monitor(bank: Sequence[LabeledImage], query: Sequence[LabeledImag
 
 
 def classification_baselines(backbone: nn.Module, train: Sequence[LabeledImage], test: Sequence[LabeledImage],
-                             num_classes: int, img_size: int, classical: bool = False) -> dict[str, Any]:
-    """Weighted kNN (k=20, T=0.07) on backbone features; optionally PCA+SVM on features and on raw
-    32×32 thumbnails (the no-deep-learning reference)."""
+                             num_classes: int, img_size: int, classical: bool = False,
+                             pool: str = "final") -> dict[str, Any]:
+    """Weighted kNN (k=20, T=0.07) on the backbone's pooled embedding ``pool`` (the one the region
+    head reads); optionally PCA+SVM on those features and on raw 32×32 thumbnails (the
+    no-deep-learning reference)."""
     from xrayfm.tasks.classify import classical_scores, knn_scores
     from xrayfm.tasks.metrics import classification_metrics
 
@@ -95,7 +101,7 @@ def classification_baselines(backbone: nn.Module, train: Sequence[LabeledImage],
         m = classification_metrics([it.region_index for it in test], scores, num_classes)
         return {k: m[k] for k in ("accuracy", "precision_macro", "recall_macro", "f1_macro", "top3_accuracy")}
 
-    ftr, fte = pooled_features(backbone, train, img_size), pooled_features(backbone, test, img_size)
+    ftr, fte = (pooled_features(backbone, s, img_size, pool=pool) for s in (train, test))
     ytr = torch.tensor([it.region_index for it in train])
     out: dict[str, Any] = {"knn": summary(knn_scores(ftr, ytr, fte, num_classes).numpy())}
     if classical:
@@ -140,7 +146,7 @@ def evaluate_heads(backbone_path: str | Path, head_paths: Sequence[str | Path], 
         if task.name == "classify" and train_items:
             tr = [it for it in train_items if task.has_label(it)]
             metrics["baselines"] = classification_baselines(bb, tr, labelled, task.num_classes or 0,
-                                                            int(hcard["img_size"]), classical)
+                                                            int(hcard["img_size"]), classical, head_pool(head))
             metrics["knn_accuracy"] = metrics["baselines"]["knn"]["accuracy"]
         doc[section] = metrics
         doc["heads"][task.name] = str(hp)
