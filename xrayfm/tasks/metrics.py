@@ -37,6 +37,7 @@ Detection (screws)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -374,7 +375,7 @@ def _recall_by_length(lengths: np.ndarray, found: np.ndarray) -> dict[str, dict[
     """Recall of the true screws in each head-tip length bin of :data:`LENGTH_BINS_PX` (px):
     ``{"0-10": {"n": ..., "recall": ... or None}, ..., "40+": ...}``."""
     out: dict[str, dict[str, Any]] = {}
-    for lo, hi in zip(LENGTH_BINS_PX[:-1], LENGTH_BINS_PX[1:]):
+    for lo, hi in pairwise(LENGTH_BINS_PX):
         inside = (lengths >= lo) & (lengths < hi)
         name = f"{lo:g}-{hi:g}" if np.isfinite(hi) else f"{lo:g}+"
         out[name] = {"n": int(inside.sum()), "recall": float(found[inside].mean()) if inside.any() else None}
