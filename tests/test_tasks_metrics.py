@@ -149,6 +149,10 @@ def test_score_threshold_sets_operating_point_but_not_ap() -> None:
     op = M.detection_metrics(preds, trues, score_threshold=0.3)
     assert (op["n_pred"], op["n_matched"], op["precision"], op["recall"]) == (1, 1, 1.0, 0.5)
     assert op["recall_by_length_px"]["20-40"] == {"n": 2, "recall": 0.5}
+    assert op["missed_near"] == 0 and all_preds["missed_near"] == 0
+    # a prediction with the right head but a tip 25 px off misses, yet lies near the truth
+    near = M.detection_metrics([[_s((0, 0), (20, 25), 0.9)]], [[_s((0, 0), (20, 0))]])
+    assert (near["n_matched"], near["missed_near"]) == (0, 1)
     assert (all_preds["n_pred"], all_preds["precision"], all_preds["recall"]) == (3, 2 / 3, 1.0)
     assert op["ap"] == all_preds["ap"] == pytest.approx(1.0)
 

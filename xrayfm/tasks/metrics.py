@@ -322,6 +322,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
     tp = 0
     lengths: list[float] = []  # of every true screw, and whether it was found
     found: list[bool] = []
+    missed_near = 0  # missed true screws with a kept prediction's head or tip within max_dist of an end
     for i, (p, t) in enumerate(zip(preds, trues)):
         sp = _spacing_rc(spacings[i]) if spacings is not None else None
         p = [s for s in p if float(s["score"]) >= score_threshold]
@@ -329,6 +330,10 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
         hit = {ti for _, ti, _ in matches}
         lengths += [float(np.linalg.norm(np.subtract(s["tip"], s["head"]))) for s in t]
         found += [j in hit for j in range(len(t))]
+        ends = np.asarray([s[k] for s in p for k in ("head", "tip")], float).reshape(-1, 2)
+        for j in set(range(len(t))) - hit:
+            te = np.asarray([t[j]["head"], t[j]["tip"]], float)
+            missed_near += bool(len(ends)) and bool((np.linalg.norm(ends[:, None] - te[None], axis=-1) <= max_dist).any())
         for pi, ti, _ in matches:
             tp += 1
             ph, pt = np.asarray(p[pi]["head"], float), np.asarray(p[pi]["tip"], float)
@@ -365,6 +370,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
         "max_dist_px": max_dist,
         "score_threshold": score_threshold,
         "recall_by_length_px": _recall_by_length(np.asarray(lengths), np.asarray(found, dtype=bool)),
+        "missed_near": missed_near,
     }
 
 
