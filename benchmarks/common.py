@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from xrayfm.models import create_backbone, load_backbone
 from xrayfm.synth.regions import REGIONS
-from xrayfm.tasks.data import LabeledImage, load_labeled_images
+from xrayfm.tasks.data import LabeledImage, label_subset, load_labeled_images
 from xrayfm.tasks.metrics import balanced_accuracy, confusion_matrix
 
 
@@ -59,3 +59,10 @@ def resized_source(items: list[LabeledImage], side: int) -> list[dict[str, torch
 def balanced_region_accuracy(y_true: np.ndarray, scores: np.ndarray) -> float:
     """Class-balanced accuracy over all REGIONS of the argmax of ``scores``, rounded to 4 places."""
     return round(balanced_accuracy(confusion_matrix(y_true, scores.argmax(1), len(REGIONS))), 4)
+
+
+def subset_index(train: list[LabeledImage], fraction: float, seed: int = 0) -> np.ndarray:
+    """Positions in ``train`` of the labelled subset that heads get at this fraction and seed
+    (``label_subset``, stratified by region)."""
+    ids = {it.image_id for it in label_subset(train, fraction, seed)}
+    return np.array([i for i, it in enumerate(train) if it.image_id in ids])

@@ -34,13 +34,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import backbone_from_spec, bank_and_query, linear_probe_scores
+from common import backbone_from_spec, bank_and_query, linear_probe_scores, subset_index
 
 from xrayfm.config import atomic_write_text, versions
 from xrayfm.ssl.anatomy import part_whole_similarity
 from xrayfm.synth.regions import REGIONS
 from xrayfm.tasks.classify import classical_scores, knn_scores
-from xrayfm.tasks.data import LabeledImage, label_subset, resize_item
+from xrayfm.tasks.data import LabeledImage, resize_item
 from xrayfm.tasks.evaluate import pooled_features
 from xrayfm.tasks.metrics import classification_metrics
 
@@ -53,12 +53,6 @@ def _summary(y_true: np.ndarray, scores: np.ndarray, classes: list[int]) -> dict
     recall = np.diag(cm) / np.maximum(cm.sum(1), 1)
     return {"accuracy": round(m["accuracy"], 4), "balanced_accuracy": round(float(recall.mean()), 4),
             "confusion_matrix": cm.tolist()}
-
-
-def subset_index(train: list[LabeledImage], fraction: float) -> np.ndarray:
-    """Positions in ``train`` of the labelled subset that heads get at this fraction."""
-    ids = {it.image_id for it in label_subset(train, fraction)}
-    return np.array([i for i, it in enumerate(train) if it.image_id in ids])
 
 
 def fraction_accuracies(ftr: np.ndarray, ytr: np.ndarray, fte: np.ndarray, yte: np.ndarray,

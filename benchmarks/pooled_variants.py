@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import backbone_from_spec, bank_and_query, linear_probe_scores
+from common import backbone_from_spec, bank_and_query, linear_probe_scores, subset_index
 
 from xrayfm.config import atomic_write_text, versions
 from xrayfm.models.backbones import POOLINGS
 from xrayfm.synth.regions import REGIONS
 from xrayfm.tasks.classify import knn_scores
-from xrayfm.tasks.data import LabeledImage, images_tensor, label_subset, resize_item
+from xrayfm.tasks.data import LabeledImage, images_tensor, resize_item
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pooled_variants.json"
 
@@ -85,8 +85,7 @@ def main() -> None:
         ftr, fte = pooled_variants(bb, train, args.img_size), pooled_variants(bb, test, args.img_size)
         feat_s = time.perf_counter() - t0
         for frac in (float(f) for f in args.fractions.split(",")):
-            subset = {it.image_id for it in label_subset(train, frac, args.seed, key="region_index")}
-            idx = [i for i, it in enumerate(train) if it.image_id in subset]
+            idx = subset_index(train, frac, args.seed)
             y = np.array([train[i].region_index for i in idx])
             for name in ftr:
                 lin = linear_probe_scores(ftr[name][idx], y, fte[name])
