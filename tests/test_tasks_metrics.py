@@ -182,4 +182,7 @@ def test_f1_operating_point_hand_case() -> None:
     assert op == pytest.approx({"threshold": 0.45, "f1": 6 / 7, "precision": 0.75, "recall": 1.0})
     at = M.detection_metrics(preds, trues, max_dist=5.0, score_threshold=op["threshold"])
     assert (at["precision"], at["recall"]) == (0.75, 1.0)
+    # at 0.65 the top 3 are kept (TP, FP, TP): P 2/3, R 2/3; above every score F1 is 0
+    assert M.f1_operating_point(preds, trues, max_dist=5.0, current=0.65)["f1_at_current"] == pytest.approx(2 / 3)
+    assert M.f1_operating_point(preds, trues, max_dist=5.0, current=0.99)["f1_at_current"] == 0.0
     assert M.f1_operating_point([[]], [[a]]) is None and M.f1_operating_point(preds, [[], []]) is None

@@ -203,15 +203,11 @@ class DetectTask(HeadTask):
     def tune_threshold(self, soft: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any] | None:
         """The score threshold with the highest F1 of matched screws (None: no screws or no
         predictions); ``at_default`` is the F1 at the current threshold."""
-        trues = [it.screws or [] for it in items]
-        best = f1_operating_point(soft, trues, self.max_dist)
+        best = f1_operating_point(soft, [it.screws or [] for it in items], self.max_dist, current=self.threshold)
         if best is None:
             return None
-        at = detection_metrics(soft, trues, self.max_dist, score_threshold=self.threshold)
-        p, r = at["precision"], at["recall"]
         return {"threshold": best["threshold"], "criterion": "f1", "value": best["f1"],
-                "precision": best["precision"], "recall": best["recall"],
-                "at_default": 2 * p * r / (p + r) if p + r > 0 else 0.0}
+                "precision": best["precision"], "recall": best["recall"], "at_default": best["f1_at_current"]}
 
     def metrics(self, preds: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any]:
         return detection_metrics(preds, [it.screws or [] for it in items], max_dist=self.max_dist,

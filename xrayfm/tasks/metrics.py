@@ -280,8 +280,9 @@ def ranked_tp_increments(preds: Sequence[Sequence[dict[str, Any]]], trues: Seque
 
 
 def f1_operating_point(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence[Sequence[dict[str, Any]]],
-                       max_dist: float = 10.0) -> dict[str, float] | None:
-    """The score threshold with the highest F1 of matched screws, with its precision and recall.
+                       max_dist: float = 10.0, current: float | None = None) -> dict[str, float] | None:
+    """The score threshold with the highest F1 of matched screws, with its precision and recall
+    (and, given a ``current`` threshold, the F1 there as ``f1_at_current``, from the same ranking).
 
     The threshold lies halfway between the last kept score and the next lower one, so it does not
     sit on a score of the data it was chosen on. None when there are no predictions or no truths.
@@ -297,7 +298,11 @@ def f1_operating_point(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequenc
     f1 = np.where(tp > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
     i = int(np.argmax(np.where(last, f1, -1.0)))
     thr = float((scores[i] + scores[i + 1]) / 2) if i + 1 < len(scores) else float(scores[i])
-    return {"threshold": thr, "f1": float(f1[i]), "precision": float(prec[i]), "recall": float(rec[i])}
+    out = {"threshold": thr, "f1": float(f1[i]), "precision": float(prec[i]), "recall": float(rec[i])}
+    if current is not None:
+        n_kept = int((scores >= current).sum())  # scores are sorted, ties all kept
+        out["f1_at_current"] = float(f1[n_kept - 1]) if n_kept else 0.0
+    return out
 
 
 def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence[Sequence[dict[str, Any]]],
