@@ -96,12 +96,15 @@ def screw_mm(screw: dict[str, Any], spacing: Spacing) -> dict[str, Any]:
     }
 
 
-def _threshold(given: float | None, head: tuple[Path, dict[str, Any]] | None, default: float) -> float:
-    """``given``, else the head's tuned operating point, else ``default``."""
+def _threshold(given: float | None, head: tuple[Path, dict[str, Any]] | None, task: str) -> float:
+    """``given``, else the head's threshold as ``evaluate`` uses it (its tuned operating point or
+    the task's default), else the task's default."""
+    from xrayfm.tasks.base import get_task
+    from xrayfm.tasks.train import task_for_head
+
     if given is not None:
         return float(given)
-    op = (head[1].get("operating_point") or {}) if head is not None else {}
-    return float(op.get("threshold", default))
+    return float((task_for_head(head[1]) if head is not None else get_task(task)).threshold)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -189,8 +192,8 @@ class ModelBundle:
             "class_names": _class_names(heads["classify"][1]) if "classify" in heads else None,
             "heads": {t: {"head": c["head"], "dir": f"heads/{t}"} for t, (_, c) in heads.items()},
             "options": {
-                "detect_threshold": _threshold(detect_threshold, heads.get("detect"), 0.3),
-                "mask_threshold": _threshold(mask_threshold, heads.get("segment"), 0.5),
+                "detect_threshold": _threshold(detect_threshold, heads.get("detect"), "detect"),
+                "mask_threshold": _threshold(mask_threshold, heads.get("segment"), "segment"),
             },
             "backbone_weights_sha256": bb_card.get("weights_sha256"),
         }

@@ -69,6 +69,7 @@ def backbone_features(backbone: torch.nn.Module, images: torch.Tensor, kind: str
                       pool: str = "final") -> torch.Tensor | list[torch.Tensor]:
     """One backbone call: the pooled embedding ``pool`` ``(B, D)`` or the list of dense maps."""
     if kind == "pooled":
+        # "final" is a plain call, so wrapped backbones (DDP, torch.compile) work as before
         return backbone.forward_pooled(images, pool) if pool != "final" else backbone(images)
     if kind == "dense":
         return list(backbone.forward_dense(images))
