@@ -9,7 +9,7 @@ import pytest
 
 from xrayfm.synth.anatomy import find_vertebrae, group_points
 from xrayfm.synth.construct import spinal_construct
-from xrayfm.synth.geometry import View
+from xrayfm.synth.geometry import View, collimator_mask, field_mask
 from xrayfm.synth.implants import make_kwire, make_screw
 from xrayfm.synth.phantom import make_phantom
 from xrayfm.synth.physics import Exposure
@@ -37,11 +37,14 @@ def test_head_and_tip_fall_in_metal_mask(phantom_scene: Scene, params: dict) -> 
     view = View(isocenter=tuple(target), size=128, **params)
     r = render_scene(phantom_scene, view, Exposure(), np.random.default_rng(0))
     assert len(r.screws) == 4 and r.mask.any()
+    exposed = (field_mask(view) > 0.5) & (collimator_mask(view) > 0.5)
     checked = 0
     for s in r.screws:
         for key in ("head", "tip"):
             x, y = s[key]
-            if 0 <= x < 128 and 0 <= y < 128 and s["visible"]:
+            inside = 0 <= x < 128 and 0 <= y < 128
+            assert s[f"{key}_visible"] == (inside and bool(exposed[int(y), int(x)])), (key, s)
+            if inside and s["visible"]:
                 assert r.mask[int(y), int(x)], (key, s)
                 checked += 1
         x0, y0, x1, y1 = s["box"]

@@ -8,7 +8,8 @@ import torch
 
 from xrayfm.models.backbones import create_backbone
 from xrayfm.models.heads import DETECTION_CHANNELS, create_head, head_info, list_heads
-from xrayfm.tasks.detect import decode_screws, encode_screws
+from xrayfm.tasks.data import LabeledImage
+from xrayfm.tasks.detect import decode_screws, encode_screws, truths
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,6 +74,25 @@ def test_decode_recovers_ground_truth_exactly() -> None:
         d = np.subtract(s["tip"], s["head"])
         assert best["angle_deg"] == pytest.approx(np.degrees(np.arctan2(d[1], d[0])), abs=1e-3)
         assert best["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_hidden_ends_get_no_peak_but_the_visible_end_points_at_them() -> None:
+    screws = [{"head": [20.0, 20.0], "tip": [50.0, 30.0], "tip_visible": False},  # tip behind a blade
+              {"head": [40.0, 60.0], "tip": [70.0, 60.0]}]                        # tip outside the 64 px image
+    t = encode_screws(screws, 64, 64)
+    assert t["heat"][0].eq(1.0).sum() == 2 and t["heat"][1].eq(1.0).sum() == 0
+    assert t["reg_mask"][2:4].sum() == 0  # no tip cell regresses anything
+    # each head still carries the vector to its hidden tip
+    np.testing.assert_allclose(t["reg"][4:6, 5, 5], [30 / 4, 10 / 4])
+    np.testing.assert_allclose(t["reg"][4:6, 15, 10], [30 / 4, 0.0])
+
+
+def test_truths_ignore_screws_with_a_hidden_end() -> None:
+    item = LabeledImage(image=np.zeros((64, 80), np.float32), image_id="a", screws=[
+        {"head": [10.0, 10.0], "tip": [75.0, 10.0]},                      # x < width 80: inside
+        {"head": [10.0, 40.0], "tip": [10.0, 70.0]},                      # y >= height 64
+        {"head": [5.0, 5.0], "tip": [20.0, 20.0], "head_visible": False}])
+    assert [s["ignore"] for s in truths([item])[0]] == [False, True, True]
 
 
 def test_decode_empty_and_unpaired_head() -> None:

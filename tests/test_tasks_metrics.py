@@ -186,3 +186,24 @@ def test_f1_operating_point_hand_case() -> None:
     assert M.f1_operating_point(preds, trues, max_dist=5.0, current=0.65)["f1_at_current"] == pytest.approx(2 / 3)
     assert M.f1_operating_point(preds, trues, max_dist=5.0, current=0.99)["f1_at_current"] == 0.0
     assert M.f1_operating_point([[]], [[a]]) is None and M.f1_operating_point(preds, [[], []]) is None
+
+
+def test_ignored_truths_count_neither_way() -> None:
+    scored, hidden = _s((10, 10), (30, 10)), {**_s((0, 60), (-15, 60)), "ignore": True}
+    trues = [[scored, hidden], [{**_s((40, 40), (60, 40)), "ignore": True}]]
+    preds = [[_s((10, 11), (30, 11), 0.9), _s((1, 60), (-14, 60), 0.8), _s((70, 70), (80, 80), 0.7)], []]
+    r = M.detection_metrics(preds, trues, max_dist=5.0)
+    # the prediction on the hidden screw is dropped, the unfound ignored screw is no miss
+    assert (r["n_true"], r["n_ignored"], r["n_pred"], r["n_matched"]) == (1, 2, 2, 1)
+    assert (r["precision"], r["recall"], r["ap"]) == (0.5, 1.0, 1.0)
+    # without the flags the same predictions score P 2/3, R 2/3
+    plain = M.detection_metrics(preds, [[scored, {**hidden, "ignore": False}], [_s((40, 40), (60, 40))]], max_dist=5.0)
+    assert (plain["precision"], plain["recall"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    assert M.f1_operating_point(preds, trues, max_dist=5.0)["recall"] == 1.0
+
+
+def test_ignored_truth_does_not_take_a_prediction_from_a_scored_one() -> None:
+    # one prediction, within reach of both: it is the scored screw's, so nothing is dropped
+    scored, hidden = _s((0, 0), (20, 0)), {**_s((3, 0), (23, 0)), "ignore": True}
+    kept_p, kept_t = M.drop_ignored([[_s((2, 0), (22, 0), 0.9)]], [[scored, hidden]], max_dist=5.0)
+    assert kept_t == [[scored]] and len(kept_p[0]) == 1

@@ -15,6 +15,7 @@ from xrayfm.tasks.data import (
     LabeledImage,
     augment_item,
     dihedral_item,
+    endpoint_visible,
     hflip_item,
     images_tensor,
     label_subset,
@@ -237,9 +238,11 @@ def test_augment_moves_labels_with_pixels() -> None:
     aug = augment_item(item, np.random.default_rng(1), min_scale=0.6)
     assert aug.size == item.size and aug.mask is not None
     for s in aug.screws or []:
-        x, y = (int(v) for v in s["head"])
-        # the painted head disc follows its label point
-        assert aug.mask[min(max(y, 0), 63), min(max(x, 0), 63)]
+        # the painted head disc follows its label point; a head the crop cut off is not visible
+        x, y = s["head"]
+        assert endpoint_visible(s, "head", 64, 64) == (0 <= x < 64 and 0 <= y < 64)
+        if endpoint_visible(s, "head", 64, 64):
+            assert aug.mask[int(y), int(x)]
     small = resize_item(item, 32)
     assert small.size == (32, 32) and small.pixel_spacing_mm == pytest.approx(1.0)
     assert dice(resize_item(small, 64).mask, item.mask) > 0.5

@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xrayfm.config import atomic_write_bytes, atomic_write_text
-from xrayfm.conventions import check_image, direction_deg
+from xrayfm.conventions import check_image
 from xrayfm.models.backbones import Backbone, ResNetBackbone, ViTBackbone, pool_levels
 from xrayfm.models.card import CARD_NAME, WEIGHTS_NAME, load_backbone
 from xrayfm.models.heads import head_pool
@@ -302,25 +301,20 @@ class ModelBundle:
             r["probabilities"] = {n: float(v) for n, v in zip(names, p)}
 
     def _segment(self, logits: Tensor, images: Sequence[np.ndarray], results: list[dict[str, Any]]) -> None:
+        from xrayfm.tasks.segment import probability_maps
+
         thr = float(self.options.get("mask_threshold", 0.5))
-        for r, logit, im in zip(results, logits, images):
-            up = F.interpolate(logit[None, :1].float(), size=im.shape, mode="bilinear", align_corners=False)
-            prob = torch.sigmoid(up[0, 0]).cpu().numpy().astype(np.float32)
+        for r, prob in zip(results, probability_maps(logits, [im.shape for im in images])):
             r["metal_probability"] = prob
             r["metal_mask"] = prob > thr
 
     def _detect(self, out: Tensor, spacings: list[Spacing], results: list[dict[str, Any]]) -> None:
-        from xrayfm.tasks.data import scale_screw
-        from xrayfm.tasks.detect import decode_screws
+        from xrayfm.tasks.detect import screws_in_frames
 
         s = self.input_size
-        decoded = decode_screws(out, float(self.options.get("detect_threshold", 0.3)))
+        frames = [(r["height"], r["width"]) for r in results]
+        decoded = screws_in_frames(out, float(self.options.get("detect_threshold", 0.3)), (s, s), frames)
         for r, screws, spacing in zip(results, decoded, spacings):
-            sx, sy = r["width"] / s, r["height"] / s
-            mapped = []
             for sc in screws:
-                m = scale_screw(sc, sx, sy)
-                m["confidence"] = m.pop("score")
-                m["angle_deg"] = direction_deg(m["head"], m["tip"])
-                mapped.append(screw_mm(m, spacing))
-            r["screws"] = mapped
+                sc["confidence"] = sc.pop("score")
+            r["screws"] = [screw_mm(sc, spacing) for sc in screws]

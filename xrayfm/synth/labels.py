@@ -1,8 +1,8 @@
 """Per-image labels of a synth run: ``labels.parquet``, one row per image (format in docs/synth.md).
 
 Columns: pixel_hash, region, region_index, height, width, pixel_spacing_mm, mask_png (8-bit PNG,
-255 = the pixel's ray meets metal), screws (JSON list of {head, tip, box, visible, end_on,
-angle_deg, length_px, material}), view (JSON), source, vertebrae_png (PNG like mask_png, 255 =
+255 = the pixel's ray meets metal), screws (JSON list of {head, tip, box, visible, head_visible,
+tip_visible, end_on, angle_deg, length_px, material}), view (JSON), source, vertebrae_png (PNG like mask_png, 255 =
 the ray runs >= 2 mm through vertebrae; null without vertebra labels, and files written before it
 existed lack the column). Points/boxes follow xrayfm.conventions.
 """

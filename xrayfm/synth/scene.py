@@ -96,8 +96,15 @@ def metal_integrals(implants: list[Implant], view: View, ss: int = 2) -> tuple[n
     return total, per
 
 
+def _point_visible(p: np.ndarray, visible_px: np.ndarray) -> bool:
+    """Whether the pixel under point ``p`` (x, y) is inside the image and exposed."""
+    j, i = math.floor(p[0]), math.floor(p[1])
+    return bool(0 <= i < visible_px.shape[0] and 0 <= j < visible_px.shape[1] and visible_px[i, j])
+
+
 def screw_label(imp: Implant, path: np.ndarray, view: View, visible_px: np.ndarray) -> dict:
-    """Head/tip points, box, visibility, projected angle/length and end-on flag of one screw."""
+    """Head/tip points, box, visibility (any exposed pixel; and per end: ``head_visible``,
+    ``tip_visible``), projected angle/length and end-on flag of one screw."""
     p = projection_matrix(view)
     head, tip = project(p, np.stack([imp.head, imp.tip]))  # type: ignore[list-item]
     dx, dy = tip - head
@@ -114,7 +121,8 @@ def screw_label(imp: Implant, path: np.ndarray, view: View, visible_px: np.ndarr
         lo, hi = np.clip(np.minimum(head, tip), 0, n), np.clip(np.maximum(head, tip), 0, n)
         box = [float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])]
     return {"head": [float(head[0]), float(head[1])], "tip": [float(tip[0]), float(tip[1])], "box": box,
-            "visible": bool(hit.any()), "end_on": length < END_ON_PX_AT_256 * view.size / 256.0,
+            "visible": bool(hit.any()), "head_visible": _point_visible(head, visible_px),
+            "tip_visible": _point_visible(tip, visible_px), "end_on": length < END_ON_PX_AT_256 * view.size / 256.0,
             "angle_deg": angle, "length_px": length, "material": imp.material}
 
 

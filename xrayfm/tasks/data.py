@@ -32,7 +32,7 @@ class LabeledImage:
     split: str = "train"
     region_index: int | None = None
     mask: np.ndarray | None = None          # bool (H, W), True = metal
-    screws: list[dict[str, Any]] | None = None  # visible screws: head, tip, box, end_on, ...
+    screws: list[dict[str, Any]] | None = None  # visible screws: head, tip, box, end_on, head_visible, ...
     pixel_spacing_mm: float | None = None   # of this image
     bone_mask: np.ndarray | None = None     # bool (H, W), True = the ray runs through vertebrae
     extra: dict[str, Any] = field(default_factory=dict)
@@ -55,6 +55,20 @@ def scale_screw(s: dict[str, Any], sx: float, sy: float) -> dict[str, Any]:
         d = np.subtract(out["tip"], out["head"])
         out["length_px"] = float(np.hypot(d[0], d[1]))
     return out
+
+
+def endpoint_visible(s: dict[str, Any], end: str, height: int, width: int) -> bool:
+    """Whether a screw's ``end`` (``"head"`` or ``"tip"``) can be pointed at: inside the image and
+    not flagged hidden (``head_visible`` / ``tip_visible``: behind a collimator blade or outside
+    the image-intensifier circle; absent = visible)."""
+    x, y = s[end]
+    return bool(s.get(f"{end}_visible", True)) and 0 <= x < width and 0 <= y < height
+
+
+def screw_detectable(s: dict[str, Any], height: int, width: int) -> bool:
+    """Both ends visible (:func:`endpoint_visible`): a screw a detector is scored on. Screws with
+    a hidden end are truncated objects, neither missed nor false when found (KITTI's DontCare)."""
+    return endpoint_visible(s, "head", height, width) and endpoint_visible(s, "tip", height, width)
 
 
 def resize_item(item: LabeledImage, height: int, width: int | None = None) -> LabeledImage:
@@ -83,8 +97,9 @@ def augment_item(item: LabeledImage, rng: np.random.Generator, min_scale: float 
                  flip: bool = True) -> LabeledImage:
     """Random crop covering ``min_scale``..1 of each side, then an optional horizontal flip.
 
-    The crop keeps the item's size (it is resized back), so labels move with the pixels; screws
-    whose centre leaves the crop are dropped.
+    The crop keeps the item's size (it is resized back), so labels move with the pixels; an end
+    that leaves the crop is no longer visible (:func:`endpoint_visible`) and screws with neither
+    end nor centre left in the crop are dropped.
     """
     h, w = item.size
     s = rng.uniform(min_scale, 1.0)
@@ -104,7 +119,7 @@ def augment_item(item: LabeledImage, rng: np.random.Generator, min_scale: float 
                 bx0, by0, bx1, by1 = sc["box"]
                 moved["box"] = [bx0 - x0, by0 - y0, bx1 - x0, by1 - y0]
             cx, cy = (moved["head"][0] + moved["tip"][0]) / 2, (moved["head"][1] + moved["tip"][1]) / 2
-            if 0 <= cx < cw and 0 <= cy < ch:
+            if (0 <= cx < cw and 0 <= cy < ch) or any(endpoint_visible(moved, e, ch, cw) for e in ("head", "tip")):
                 screws.append(moved)
     cropped = replace(item, image=np.ascontiguousarray(img), mask=mask, screws=screws, bone_mask=bone)
     out = resize_item(cropped, h, w)

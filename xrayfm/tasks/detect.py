@@ -5,7 +5,9 @@ head (``(i, j) = floor(y / s), floor(x / s)``) carries the head's sub-cell offse
 ``head / s - (j + 0.5, i + 0.5)``, the vector ``(tip - head) / s`` and the box margin (how far
 the label box reaches beyond the head-tip extent, in stride units); the cell holding the tip
 carries the tip's offset and the vector ``(head - tip) / s``. Heatmap targets are Gaussians
-(sigma 1 cell) that are exactly 1 at those cells.
+(sigma 1 cell) that are exactly 1 at those cells. An end that cannot be seen (outside the image, behind a
+collimator blade, outside the image-intensifier circle) gets neither; such truncated screws are
+``ignore`` in the metrics (:func:`truths`).
 
 Decoding: 3×3 local maxima above ``threshold`` in each heatmap are head and tip candidates.
 Each head predicts where its tip is and each tip where its head is; heads and tips are paired
@@ -33,7 +35,7 @@ from torch import Tensor
 from xrayfm.conventions import direction_deg
 from xrayfm.models.heads import N_HEATMAPS, KeypointHead
 from xrayfm.tasks.base import HeadTask, register_task
-from xrayfm.tasks.data import LabeledImage, scale_screw
+from xrayfm.tasks.data import LabeledImage, endpoint_visible, scale_screw, screw_detectable
 from xrayfm.tasks.metrics import detection_metrics, f1_operating_point
 
 STRIDE = KeypointHead.stride
@@ -53,7 +55,9 @@ def _box_margin(s: dict[str, Any]) -> float:
 
 def encode_screws(screws: Sequence[dict[str, Any]], height: int, width: int,
                   stride: int = STRIDE) -> dict[str, Tensor]:
-    """Targets for one image: ``heat (2, h, w)``, ``reg (9, h, w)``, ``reg_mask (9, h, w)``."""
+    """Targets for one image: ``heat (2, h, w)``, ``reg (9, h, w)``, ``reg_mask (9, h, w)``. Only
+    visible ends (:func:`~xrayfm.tasks.data.endpoint_visible`) get a peak and their cell's
+    regressions; a visible end still points at its hidden partner."""
     h, w = math.ceil(height / stride), math.ceil(width / stride)
     heat = torch.zeros(N_HEATMAPS, h, w)
     reg = torch.zeros(9, h, w)
@@ -62,17 +66,15 @@ def encode_screws(screws: Sequence[dict[str, Any]], height: int, width: int,
     xs = torch.arange(w, dtype=torch.float32)[None, :]
     for s in screws:
         head, tip = np.asarray(s["head"], np.float64), np.asarray(s["tip"], np.float64)
-        cells = []
-        for k, p in enumerate((head, tip)):
-            j, i = int(np.clip(p[0] // stride, 0, w - 1)), int(np.clip(p[1] // stride, 0, h - 1))
-            heat[k] = torch.maximum(heat[k], torch.exp(-((xs - j) ** 2 + (ys - i) ** 2) / 2.0))
-            cells.append((i, j, p / stride - (j + 0.5, i + 0.5)))
-        (hi, hj, hoff), (ti, tj, toff) = cells
         v = (tip - head) / stride
-        for ch, val in zip(HEAD_REG, [*hoff, *v, _box_margin(s) / stride]):
-            reg[ch, hi, hj], mask[ch, hi, hj] = float(val), 1.0
-        for ch, val in zip(TIP_REG, [*toff, *(-v)]):
-            reg[ch, ti, tj], mask[ch, ti, tj] = float(val), 1.0
+        ends = (("head", head, HEAD_REG, [*v, _box_margin(s) / stride]), ("tip", tip, TIP_REG, [*(-v)]))
+        for k, (end, p, chans, rest) in enumerate(ends):
+            if not endpoint_visible(s, end, height, width):
+                continue
+            j, i = int(p[0] // stride), int(p[1] // stride)
+            heat[k] = torch.maximum(heat[k], torch.exp(-((xs - j) ** 2 + (ys - i) ** 2) / 2.0))
+            for ch, val in zip(chans, [*(p / stride - (j + 0.5, i + 0.5)), *rest]):
+                reg[ch, i, j], mask[ch, i, j] = float(val), 1.0
     return {"heat": heat, "reg": reg, "reg_mask": mask}
 
 
@@ -162,6 +164,25 @@ def decode_screws(out: Tensor, threshold: float = 0.3, max_screws: int = 50, str
     return [[s for s in _decode_one(o.cpu(), floor, stride) if s["score"] >= threshold][:max_screws] for o in out]
 
 
+def screws_in_frames(out: Tensor, threshold: float, size: tuple[int, int],
+                     frames: Sequence[tuple[int, int]]) -> list[list[dict[str, Any]]]:
+    """:func:`decode_screws` of a ``size`` input, points and boxes mapped to each image's original
+    ``(H, W)`` in ``frames`` (per axis) and the angle recomputed there."""
+    preds = []
+    for screws, (h, w) in zip(decode_screws(out, threshold), frames):
+        scaled = [scale_screw(s, w / size[1], h / size[0]) for s in screws]
+        for s in scaled:
+            s["angle_deg"] = direction_deg(s["head"], s["tip"])
+        preds.append(scaled)
+    return preds
+
+
+def truths(items: Sequence[LabeledImage]) -> list[list[dict[str, Any]]]:
+    """Each item's screws for the metrics, ``ignore`` set on those with a hidden end
+    (:func:`~xrayfm.tasks.data.screw_detectable`)."""
+    return [[{**s, "ignore": not screw_detectable(s, *it.size)} for s in it.screws or []] for it in items]
+
+
 @register_task
 class DetectTask(HeadTask):
     """Screws as head/tip keypoint pairs with a box and a confidence."""
@@ -190,25 +211,17 @@ class DetectTask(HeadTask):
         return detection_loss(out, targets)
 
     def predict(self, out: Tensor, originals: Sequence[LabeledImage], size: tuple[int, int]) -> list[list[dict[str, Any]]]:
-        decoded = decode_screws(out, self.ap_threshold)
-        preds = []
-        for screws, item in zip(decoded, originals):
-            sx, sy = item.size[1] / size[1], item.size[0] / size[0]
-            scaled = [scale_screw(s, sx, sy) for s in screws]
-            for s in scaled:
-                s["angle_deg"] = direction_deg(s["head"], s["tip"])
-            preds.append(scaled)
-        return preds
+        return screws_in_frames(out, self.ap_threshold, size, [it.size for it in originals])
 
     def tune_threshold(self, soft: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any] | None:
         """The score threshold with the highest F1 of matched screws (None: no screws or no
         predictions); ``at_default`` is the F1 at the current threshold."""
-        best = f1_operating_point(soft, [it.screws or [] for it in items], self.max_dist, current=self.threshold)
+        best = f1_operating_point(soft, truths(items), self.max_dist, current=self.threshold)
         if best is None:
             return None
         return {"threshold": best["threshold"], "criterion": "f1", "value": best["f1"],
                 "precision": best["precision"], "recall": best["recall"], "at_default": best["f1_at_current"]}
 
     def metrics(self, preds: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any]:
-        return detection_metrics(preds, [it.screws or [] for it in items], max_dist=self.max_dist,
+        return detection_metrics(preds, truths(items), max_dist=self.max_dist,
                                  spacings=[it.pixel_spacing_mm for it in items], score_threshold=self.threshold)

@@ -279,6 +279,27 @@ def ranked_tp_increments(preds: Sequence[Sequence[dict[str, Any]]], trues: Seque
             np.asarray([r[1] for r in ranked], dtype=np.float64))
 
 
+def drop_ignored(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence[Sequence[dict[str, Any]]],
+                 max_dist: float = 10.0) -> tuple[list[list[dict[str, Any]]], list[list[dict[str, Any]]]]:
+    """Per image, the truths not flagged ``ignore`` and the predictions minus those explained by
+    an ignored truth: predictions are matched to the scored truths first, and of the rest those
+    a Hungarian match puts on an ignored truth are dropped (COCO's crowd / KITTI's DontCare)."""
+    kept_p: list[list[dict[str, Any]]] = []
+    kept_t: list[list[dict[str, Any]]] = []
+    for p, t in zip(preds, trues):
+        scored = [s for s in t if not s.get("ignore", False)]
+        ignored = [s for s in t if s.get("ignore", False)]
+        rest = list(p)
+        if ignored:
+            hit = {pi for pi, _, _ in match_screws(p, scored, max_dist)}
+            rest_idx = [i for i in range(len(p)) if i not in hit]
+            explained = {rest_idx[pi] for pi, _, _ in match_screws([p[i] for i in rest_idx], ignored, max_dist)}
+            rest = [s for i, s in enumerate(p) if i not in explained]
+        kept_p.append(rest)
+        kept_t.append(scored)
+    return kept_p, kept_t
+
+
 def f1_operating_point(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence[Sequence[dict[str, Any]]],
                        max_dist: float = 10.0, current: float | None = None) -> dict[str, float] | None:
     """The score threshold with the highest F1 of matched screws, with its precision and recall
@@ -286,7 +307,9 @@ def f1_operating_point(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequenc
 
     The threshold lies halfway between the last kept score and the next lower one, so it does not
     sit on a score of the data it was chosen on. None when there are no predictions or no truths.
+    Truths flagged ``ignore`` count neither way (:func:`drop_ignored`).
     """
+    preds, trues = drop_ignored(preds, trues, max_dist)
     scores, incr = ranked_tp_increments(preds, trues, max_dist)
     n_true = sum(len(t) for t in trues)
     if not len(scores) or n_true == 0:
@@ -309,13 +332,16 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
                       max_dist: float = 10.0, spacings: Sequence[Spacing] | None = None,
                       min_angle_length: float = 5.0, score_threshold: float = 0.0) -> dict[str, Any]:
     """Screw detection metrics over images. Predictions need ``head``, ``tip``, ``score``; truths
-    need ``head``, ``tip`` and may carry ``end_on``. ``spacings`` (mm, per image) adds mm errors.
-    AP ranks all predictions; precision, recall and errors use those scoring ``>= score_threshold``
-    (the operating point)."""
+    need ``head``, ``tip`` and may carry ``end_on`` and ``ignore`` (truncated screws: neither
+    missed when not found nor false when found, :func:`drop_ignored`). ``spacings`` (mm, per
+    image) adds mm errors. AP ranks all predictions; precision, recall and errors use those scoring
+    ``>= score_threshold`` (the operating point)."""
     if len(preds) != len(trues):
         raise ValueError(f"{len(preds)} prediction lists but {len(trues)} truth lists; pass one per image")
     if spacings is not None and len(spacings) != len(trues):
         raise ValueError(f"{len(spacings)} pixel spacings for {len(trues)} images; pass one per image (None if unknown)")
+    n_ignored = sum(bool(s.get("ignore", False)) for t in trues for s in t)
+    preds, trues = drop_ignored(preds, trues, max_dist)
     n_pred = sum(1 for p in preds for s in p if float(s["score"]) >= score_threshold)
     n_true = sum(len(t) for t in trues)
     head_px: list[float] = []
@@ -371,6 +397,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
         "tip_error_mm": mean(tip_mm),
         "n_pred": n_pred,
         "n_true": n_true,
+        "n_ignored": n_ignored,
         "n_matched": tp,
         "max_dist_px": max_dist,
         "score_threshold": score_threshold,

@@ -30,6 +30,14 @@ def dice_bce_loss(logits: Tensor, target: Tensor, dice_weight: float = 1.0, smoo
     return bce + dice_weight * (1 - soft)
 
 
+def probability_maps(logits: Tensor, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Per image, channel 0 of ``logits (B, C, h, w)`` upsampled bilinearly to its ``(H, W)`` in
+    ``sizes``, then the sigmoid: float32 probability maps in the original frames."""
+    return [torch.sigmoid(F.interpolate(logit[None, :1].float(), size=tuple(hw), mode="bilinear",
+                                        align_corners=False)[0, 0]).cpu().numpy().astype(np.float32)
+            for logit, hw in zip(logits, sizes)]
+
+
 @register_task
 class SegmentTask(HeadTask):
     """Binary metal mask."""
@@ -65,11 +73,7 @@ class SegmentTask(HeadTask):
 
     def predict_soft(self, out: Tensor, originals: Sequence[LabeledImage], size: tuple[int, int]) -> list[np.ndarray]:
         """Probability maps (float32) in each original item's frame."""
-        probs = []
-        for logit, item in zip(out, originals):
-            up = F.interpolate(logit[None].float(), size=item.size, mode="bilinear", align_corners=False)
-            probs.append(torch.sigmoid(up[0, 0]).cpu().numpy())
-        return probs
+        return probability_maps(out, [it.size for it in originals])
 
     def decide(self, soft: list[Any]) -> list[np.ndarray]:
         return [p > self.threshold for p in soft]
