@@ -30,7 +30,9 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
     assert splits.count("train") >= 8 and splits.count("val") >= 2
     for task in ("classify", "segment", "detect"):
         fraction = ["--label-fraction", "0.5"] if task == "classify" else []
-        dihedral = ["--dihedral"] if task == "detect" else []  # the cache holds 8 views of each image
+        # detect: the cache holds 8 views of each image, and a stride-2 keypoint grid that
+        # evaluate below must decode as such
+        dihedral = ["--dihedral", "--out-stride", "2"] if task == "detect" else []
         with pytest.raises(SystemExit) as exc:
             main(["heads", "train", "--task", task, *_common(world), "--out", str(world / task),
                   "--epochs", "2", "--img-size", "64", "--batch-size", "8", *fraction, *dihedral])
@@ -39,6 +41,7 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
         card = json.loads((world / task / "head.json").read_text())
         assert card["task"] == task and card["backbone"]["arch"] == "resnet18"
         assert card["train_config"]["dihedral"] is bool(dihedral)
+        assert card["head_kwargs"].get("out_stride", 4) == (2 if task == "detect" else 4)
         assert ("dihedral: true" in (world / task / "config.yaml").read_text()) is bool(dihedral)
         assert (world / task / "config.yaml").is_file() and (world / task / "metrics_val.json").is_file()
         if task == "segment":  # the mask threshold is chosen on the val split and kept in the card

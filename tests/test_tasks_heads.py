@@ -8,6 +8,7 @@ import torch
 
 from xrayfm.models.backbones import create_backbone
 from xrayfm.models.heads import DETECTION_CHANNELS, create_head, head_info, list_heads
+from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import LabeledImage
 from xrayfm.tasks.detect import decode_screws, encode_screws, truths
 
@@ -35,6 +36,8 @@ def test_head_output_shapes(arch: str, backbones: dict) -> None:
     assert seg(dense, size=(64, 96)).shape == (2, 1, 64, 96)
     det = create_head("screw_keypoints", bb.embed_dim, bb.dense_channels, bb.dense_strides)
     assert det(dense).shape == (2, len(DETECTION_CHANNELS), 16, 24)
+    det2 = create_head("screw_keypoints", bb.embed_dim, bb.dense_channels, bb.dense_strides, out_stride=2)
+    assert det2.stride == 2 and det2(dense).shape == (2, len(DETECTION_CHANNELS), 32, 48)
 
 
 def test_registry() -> None:
@@ -48,6 +51,25 @@ def test_registry() -> None:
 def _logits_from_targets(t: dict[str, torch.Tensor]) -> torch.Tensor:
     heat = torch.logit(t["heat"].clamp(1e-6, 1 - 1e-6))
     return torch.cat([heat, t["reg"]])[None]
+
+
+def test_stride2_grid_separates_ends_that_share_a_stride4_cell() -> None:
+    # two parallel screws 2.4 px apart: heads share stride-4 cell (7, 7), tips cell (5, 15), not a
+    # stride-2 cell. At stride 4 the later label wins both cells and one screw is lost, at stride 2
+    # both come back exactly
+    screws = [{"head": [28.5, 29.0], "tip": [60.0, 20.0]}, {"head": [30.9, 29.5], "tip": [62.1, 20.8]}]
+    assert len(decode_screws(_logits_from_targets(encode_screws(screws, 64, 64)), threshold=0.5)[0]) == 1
+    out = _logits_from_targets(encode_screws(screws, 64, 64, stride=2))
+    assert out.shape[-2:] == (32, 32)
+    task = get_task("detect")
+    got = task.predict(out, [LabeledImage(np.zeros((64, 64), np.float32), "a")], (64, 64))[0]
+    got = [g for g in got if g["score"] >= 0.5]  # predict decodes down to the AP floor
+    assert len(got) == 2
+    for s, g in zip(sorted(screws, key=lambda s: s["head"]), sorted(got, key=lambda g: g["head"])):
+        np.testing.assert_allclose(g["head"], s["head"], atol=1e-4)
+        np.testing.assert_allclose(g["tip"], s["tip"], atol=1e-4)
+    with pytest.raises(ValueError, match="does not divide the input size"):
+        task.predict(out, [LabeledImage(np.zeros((64, 64), np.float32), "a")], (60, 60))
 
 
 def test_decode_recovers_ground_truth_exactly() -> None:

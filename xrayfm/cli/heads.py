@@ -102,6 +102,8 @@ def train_cmd(
     pool: Annotated[str | None, _Opt(help="Pooled heads' embedding: 'final' (the backbone's own), 'multilevel' "
                                      "(average of every dense level) or 'auto' (multilevel for ResNets, "
                                      "final for ViTs) [auto].")] = None,
+    out_stride: Annotated[int | None, _Opt(help="Segment/detect heads' output stride: 4, or 2 / 1 for thin "
+                                           "metal and screws whose ends lie a few px apart [4].")] = None,
     tune_threshold: Annotated[bool | None, _Opt("--tune-threshold/--no-tune-threshold",
                                                 help="Choose the mask probability (segment) or screw score "
                                                 "(detect) threshold that maximises val Dice / F1; default on.")] = None,
@@ -124,7 +126,7 @@ def train_cmd(
     given = {"task": task, "head": head, "epochs": epochs, "batch_size": batch_size, "lr": lr,
              "img_size": img_size, "label_fraction": label_fraction, "unfreeze": unfreeze,
              "augment": augment, "dihedral": dihedral, "feature_norm": feature_norm,
-             "pool": pool, "tune_threshold": tune_threshold, "seed": seed}
+             "pool": pool, "out_stride": out_stride, "tune_threshold": tune_threshold, "seed": seed}
     t0 = time.time()
     try:
         base = load_yaml(HeadTrainConfig, config) if config else HeadTrainConfig()

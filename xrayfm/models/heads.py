@@ -5,7 +5,7 @@ multi-scale dense maps ``[(B, C_i, H/s_i, W/s_i)]`` (``input_kind = "dense"``) a
 
 - ``linear`` / ``mlp`` (classification): ``(B, num_classes)``.
 - ``seg_decoder`` (segmentation): ``(B, num_classes, H, W)`` at the input size.
-- ``screw_keypoints`` (screw detection): ``(B, 11, H/4, W/4)`` maps, channels as in
+- ``screw_keypoints`` (screw detection): ``(B, 11, H/s, W/s)`` maps (``out_stride`` s, 4 or 2), channels as in
   :data:`DETECTION_CHANNELS`; :mod:`xrayfm.tasks.detect` encodes targets and decodes screws.
 
 Both dense heads share :class:`ProgressiveDecoder`: every backbone map is projected to a common
@@ -260,17 +260,17 @@ class SegmentationHead(nn.Module):
 
 
 class KeypointHead(nn.Module):
-    """Screw keypoint head at stride 4: heatmap logits for screw heads and tips, sub-cell offsets,
-    the vector from each head to its tip and back, and a box margin (regressions in stride units)."""
-
-    stride = 4
+    """Screw keypoint head at ``out_stride`` (4; 2 separates screws whose ends lie a few pixels
+    apart): heatmap logits for screw heads and tips, sub-cell offsets, the vector from each head
+    to its tip and back, and a box margin (regressions in stride units)."""
 
     def __init__(self, dense_channels: Sequence[int], dense_strides: Sequence[int], width: int = 64,
-                 heat_prior: float = 0.01) -> None:
+                 heat_prior: float = 0.01, out_stride: int = 4) -> None:
         super().__init__()
-        if min(dense_strides) < self.stride:
-            raise ValueError(f"detector needs backbone maps at stride >= {self.stride}, got {min(dense_strides)}")
-        self.decoder = ProgressiveDecoder(dense_channels, dense_strides, width, out_stride=self.stride)
+        if min(dense_strides) < out_stride:
+            raise ValueError(f"detector needs backbone maps at stride >= {out_stride}, got {min(dense_strides)}")
+        self.stride = out_stride
+        self.decoder = ProgressiveDecoder(dense_channels, dense_strides, width, out_stride=out_stride)
         self.heat = nn.Sequential(_conv_block(width, width), nn.Conv2d(width, N_HEATMAPS, 1))
         self.regress = nn.Sequential(_conv_block(width, width),
                                      nn.Conv2d(width, len(DETECTION_CHANNELS) - N_HEATMAPS, 1))
@@ -300,5 +300,6 @@ def _seg(dense_channels: list[int], dense_strides: list[int], num_classes: int =
 
 
 @register_head("screw_keypoints", task="detect", input_kind="dense")
-def _screw_keypoints(dense_channels: list[int], dense_strides: list[int], width: int = 64, **_: Any) -> nn.Module:
-    return KeypointHead(dense_channels, dense_strides, width)
+def _screw_keypoints(dense_channels: list[int], dense_strides: list[int], width: int = 64,
+                     out_stride: int = 4, **_: Any) -> nn.Module:
+    return KeypointHead(dense_channels, dense_strides, width, out_stride=out_stride)

@@ -35,6 +35,9 @@ class HeadTask:
     def head_kwargs(self) -> dict[str, Any]:
         return {}
 
+    def bind_head(self, head: nn.Module) -> None:
+        """Take what the targets depend on from the ``head`` about to be trained (default: nothing)."""
+
     def run_head(self, head: nn.Module, feats: Tensor | list[Tensor], size: tuple[int, int]) -> Tensor:
         return head(feats)
 

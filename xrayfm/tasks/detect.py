@@ -1,6 +1,6 @@
 """Screw detection from keypoints: targets, loss and decoding for the ``screw_keypoints`` head.
 
-A screw is the directed segment ``head -> tip``. On the stride-``s`` grid, the cell holding the
+A screw is the directed segment ``head -> tip``. On the head's stride-``s`` grid (4, or 2), the cell holding the
 head (``(i, j) = floor(y / s), floor(x / s)``) carries the head's sub-cell offset
 ``head / s - (j + 0.5, i + 0.5)``, the vector ``(tip - head) / s`` and the box margin (how far
 the label box reaches beyond the head-tip extent, in stride units); the cell holding the tip
@@ -30,15 +30,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from torch import Tensor
+from torch import Tensor, nn
 
 from xrayfm.conventions import direction_deg
-from xrayfm.models.heads import N_HEATMAPS, KeypointHead
+from xrayfm.models.heads import N_HEATMAPS
 from xrayfm.tasks.base import HeadTask, register_task
 from xrayfm.tasks.data import LabeledImage, endpoint_visible, scale_screw, screw_detectable
 from xrayfm.tasks.metrics import detection_metrics, f1_operating_point
 
-STRIDE = KeypointHead.stride
+STRIDE = 4  # the screw_keypoints head's default grid stride
 CANDIDATE_THRESHOLD = 0.05  # lowest heatmap peak that competes in the head-tip pairing
 # Regression channels (after the 2 heatmaps) owned by the head cell and by the tip cell.
 HEAD_REG = [0, 1, 4, 5, 8]   # head offset x/y, head->tip x/y, box margin
@@ -167,9 +167,14 @@ def decode_screws(out: Tensor, threshold: float = 0.3, max_screws: int = 50, str
 def screws_in_frames(out: Tensor, threshold: float, size: tuple[int, int],
                      frames: Sequence[tuple[int, int]]) -> list[list[dict[str, Any]]]:
     """:func:`decode_screws` of a ``size`` input, points and boxes mapped to each image's original
-    ``(H, W)`` in ``frames`` (per axis) and the angle recomputed there."""
+    ``(H, W)`` in ``frames`` (per axis) and the angle recomputed there. The grid stride is read
+    off the output (``size / grid``), so decoding always matches the head that produced it."""
+    stride = size[1] // out.shape[-1]
+    if stride * out.shape[-1] != size[1] or stride * out.shape[-2] != size[0]:
+        raise ValueError(f"detector output grid {tuple(out.shape[-2:])} does not divide the input size {size}; "
+                         "use an input size that is a multiple of the head's stride")
     preds = []
-    for screws, (h, w) in zip(decode_screws(out, threshold), frames):
+    for screws, (h, w) in zip(decode_screws(out, threshold, stride=stride), frames):
         scaled = [scale_screw(s, w / size[1], h / size[0]) for s in screws]
         for s in scaled:
             s["angle_deg"] = direction_deg(s["head"], s["tip"])
@@ -199,12 +204,16 @@ class DetectTask(HeadTask):
         self.threshold = threshold
         self.max_dist = max_dist
         self.ap_threshold = min(ap_threshold, threshold)
+        self.stride = STRIDE
+
+    def bind_head(self, head: nn.Module) -> None:
+        self.stride = int(head.stride)  # type: ignore[arg-type]
 
     def has_label(self, item: LabeledImage) -> bool:
         return item.screws is not None
 
     def targets(self, items: Sequence[LabeledImage]) -> dict[str, Tensor]:
-        enc = [encode_screws(it.screws or [], *it.size) for it in items]
+        enc = [encode_screws(it.screws or [], *it.size, stride=self.stride) for it in items]
         return {k: torch.stack([e[k] for e in enc]) for k in enc[0]}
 
     def loss(self, out: Tensor, targets: dict[str, Tensor]) -> Tensor:

@@ -55,7 +55,7 @@ class HeadTrainConfig:
     head_width: int = 64             # channels of the dense heads' decoder
     feature_norm: str = "standardize"  # pooled heads' input: train-set "standardize" or per-item "layernorm"
     pool: str = "auto"               # pooled heads' embedding: "final", "multilevel", "auto" (per family)
-    seg_out_stride: int = 4          # segmentation logits' stride: 4, or 2 / 1 for thin structures
+    out_stride: int = 4              # dense heads' output stride: 4, or 2 / 1 for thin metal, crowded screws
     img_size: int = 224
     epochs: int = 30
     batch_size: int = 32
@@ -77,7 +77,7 @@ class HeadTrainConfig:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.unfreeze >= -1, f"unfreeze must be >= 0 blocks, or -1 for all, got {self.unfreeze}"),
             (self.label_fraction > 0, f"label_fraction must be > 0, got {self.label_fraction}"),
-            (self.seg_out_stride in (1, 2, 4), f"seg_out_stride must be 1, 2 or 4, got {self.seg_out_stride}"),
+            (self.out_stride in (1, 2, 4), f"out_stride must be 1, 2 or 4, got {self.out_stride}"),
             (self.feature_norm in POOLED_NORMS,
              f"feature_norm must be one of {', '.join(POOLED_NORMS)}, got {self.feature_norm!r}"),
             (self.pool in ("auto", *POOLINGS), f"pool must be auto or one of {', '.join(POOLINGS)}, got {self.pool!r}"),
@@ -126,7 +126,7 @@ def head_arguments(task: HeadTask, cfg: HeadTrainConfig) -> dict[str, Any]:
     """Keyword arguments the head of ``task`` is built with (saved in the head bundle)."""
     kwargs = task.head_kwargs() | ({"width": cfg.head_width} if task.input_kind == "dense"
                                    else {"feature_norm": cfg.feature_norm, "pool": cfg.pool})
-    return kwargs | ({"out_stride": cfg.seg_out_stride} if task.head_task == "segment" else {})
+    return kwargs | ({"out_stride": cfg.out_stride} if task.head_task in ("segment", "detect") else {})
 
 
 def _progress_noop(_: int) -> None:
@@ -159,6 +159,7 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
                        **head_kwargs)
     if head.task != task.head_task:  # type: ignore[attr-defined]
         raise ValueError(f"head {head_name!r} is for task {head.task!r}, not {task.name!r}")
+    task.bind_head(head)
     bb_params = set_trainable(backbone, cfg.unfreeze)
     groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": cfg.lr}]
     if bb_params:
