@@ -123,12 +123,14 @@ def test_decode_empty_and_unpaired_head() -> None:
     t["heat"][1] = 0.0  # the tip peak is missing: the head alone yields no confident screw
     assert decode_screws(_logits_from_targets(t), threshold=0.3)[0] == []
     # a tip response below the candidate floor where the head says its tip is: no tip candidate,
-    # but the unpaired head keeps its predicted tip with score sqrt(1.0 * 0.25)
+    # but the unpaired head keeps its predicted tip with score 1.0 ** 0.85 * 0.25 ** 0.15
     t["heat"][1, 10, 12] = 0.25
     got = decode_screws(_logits_from_targets(t), threshold=0.3, candidates=0.3)[0]
     assert len(got) == 1
     np.testing.assert_allclose(got[0]["tip"], [50.0, 40.0], atol=1e-4)
-    assert got[0]["score"] == pytest.approx(0.5, abs=1e-4)
+    assert got[0]["score"] == pytest.approx(0.25**0.15, abs=1e-4)
+    assert decode_screws(_logits_from_targets(t), threshold=0.3, candidates=0.3,
+                         partner_weight=0.5)[0][0]["score"] == pytest.approx(0.5, abs=1e-4)
 
 
 def test_decoded_screw_does_not_depend_on_the_threshold() -> None:

@@ -14,8 +14,9 @@ Each head predicts where its tip is and each tip where its head is; heads and ti
 one-to-one by the Hungarian algorithm on the mean of the two prediction errors, gated at
 ``max(3 s, 0.3 × predicted length)``. A pair's score is the geometric mean of the two peak
 probabilities; an unpaired head (or tip) keeps the point it predicts for its partner and scores
-the geometric mean of its peak and the other heatmap at that point. Each screw has ``score``,
-``head``, ``tip``, ``box``, ``angle_deg`` (head -> tip, conventions) and ``length_px``. Endpoints
+``peak ** 0.85 * partner ** 0.15``, partner = the other heatmap at that point
+(:data:`PARTNER_WEIGHT`). Each screw has ``score``, ``head``, ``tip``, ``box``, ``angle_deg``
+(head -> tip, conventions) and ``length_px``. Endpoints
 are local features, so crossing screws and screws sharing a midpoint stay separate; two heads in
 one stride cell merge (the later label wins the cell).
 """
@@ -40,6 +41,10 @@ from xrayfm.tasks.metrics import detection_metrics, f1_operating_point
 
 STRIDE = 4  # the screw_keypoints head's default grid stride
 CANDIDATE_THRESHOLD = 0.05  # lowest heatmap peak that competes in the head-tip pairing
+# An unpaired end scores ``peak ** (1 - w) * partner ** w``, partner = the other heatmap where the
+# end says its partner is. w 0.5 (the geometric mean, as for pairs) ranked correct screws with a
+# faint far end below false pairs; w = 0.15 was chosen on the val split ("Scoring an unpaired end").
+PARTNER_WEIGHT = 0.15
 # Regression channels (after the 2 heatmaps) owned by the head cell and by the tip cell.
 HEAD_REG = [0, 1, 4, 5, 8]   # head offset x/y, head->tip x/y, box margin
 TIP_REG = [2, 3, 6, 7]       # tip offset x/y, tip->head x/y
@@ -117,7 +122,7 @@ def _screw(head: np.ndarray, tip: np.ndarray, score: float, margin: float) -> di
             "angle_deg": direction_deg(head, tip), "length_px": float(np.hypot(*d))}
 
 
-def _decode_one(out: Tensor, threshold: float, stride: int) -> list[dict[str, Any]]:
+def _decode_one(out: Tensor, threshold: float, stride: int, partner_weight: float) -> list[dict[str, Any]]:
     heat = torch.sigmoid(out[:N_HEATMAPS].float())
     reg = out[N_HEATMAPS:].double().numpy()
     (hc, hs), (tc, ts) = _peaks(heat[0], threshold), _peaks(heat[1], threshold)
@@ -142,12 +147,13 @@ def _decode_one(out: Tensor, threshold: float, stride: int) -> list[dict[str, An
                 screws.append(_screw(hp[a], tp[b], float(np.sqrt(hs[a] * ts[b])), margin[a]))
                 paired_h.add(int(a))
                 paired_t.add(int(b))
+    w = partner_weight
     for a in set(range(len(hp))) - paired_h:
-        score = float(np.sqrt(hs[a] * _sample(heat[1], h2t[a], stride)))
+        score = float(hs[a] ** (1 - w) * _sample(heat[1], h2t[a], stride) ** w)
         if score >= threshold:
             screws.append(_screw(hp[a], h2t[a], score, margin[a]))
     for b in set(range(len(tp))) - paired_t:
-        score = float(np.sqrt(ts[b] * _sample(heat[0], t2h[b], stride)))
+        score = float(ts[b] ** (1 - w) * _sample(heat[0], t2h[b], stride) ** w)
         if score >= threshold:
             screws.append(_screw(t2h[b], tp[b], score, 0.0))
     return sorted(screws, key=lambda s: -s["score"])
@@ -155,13 +161,15 @@ def _decode_one(out: Tensor, threshold: float, stride: int) -> list[dict[str, An
 
 @torch.no_grad()
 def decode_screws(out: Tensor, threshold: float = 0.3, max_screws: int = 50, stride: int = STRIDE,
-                  candidates: float = CANDIDATE_THRESHOLD) -> list[list[dict[str, Any]]]:
+                  candidates: float = CANDIDATE_THRESHOLD,
+                  partner_weight: float = PARTNER_WEIGHT) -> list[list[dict[str, Any]]]:
     """Head output ``(B, 11, h, w)`` -> per image, screws scoring ``>= threshold`` in input
     pixels, best score first. Peaks down to ``min(candidates, threshold)`` take part in the
     pairing, so a screw kept at one threshold is the same screw at any other: what ``evaluate``
     measures at an operating point is what ``predict`` returns there."""
     floor = min(candidates, threshold)
-    return [[s for s in _decode_one(o.cpu(), floor, stride) if s["score"] >= threshold][:max_screws] for o in out]
+    return [[s for s in _decode_one(o.cpu(), floor, stride, partner_weight) if s["score"] >= threshold][:max_screws]
+            for o in out]
 
 
 def screws_in_frames(out: Tensor, threshold: float, size: tuple[int, int],
