@@ -1,7 +1,7 @@
 """Screw detection from keypoints: targets, loss and decoding for the ``screw_keypoints`` head.
 
-A screw is the directed segment ``head -> tip``. On the head's stride-``s`` grid (4, or 2), the cell holding the
-head (``(i, j) = floor(y / s), floor(x / s)``) carries the head's sub-cell offset
+A screw is the directed segment ``head -> tip``. On the head's stride-``s`` grid (4 by default),
+the cell holding the head (``(i, j) = floor(y / s), floor(x / s)``) carries its sub-cell offset
 ``head / s - (j + 0.5, i + 0.5)``, the vector ``(tip - head) / s`` and the box margin (how far
 the label box reaches beyond the head-tip extent, in stride units); the cell holding the tip
 carries the tip's offset and the vector ``(head - tip) / s``. Heatmap targets are Gaussians
