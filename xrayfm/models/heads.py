@@ -5,7 +5,7 @@ multi-scale dense maps ``[(B, C_i, H/s_i, W/s_i)]`` (``input_kind = "dense"``) a
 
 - ``linear`` / ``mlp`` (classification): ``(B, num_classes)``.
 - ``seg_decoder`` (segmentation): ``(B, num_classes, H, W)`` at the input size.
-- ``screw_keypoints`` (screw detection): ``(B, 11, H/s, W/s)`` maps (``out_stride`` s, 4 or 2), channels as in
+- ``screw_keypoints`` (screw detection): ``(B, 11, H/s, W/s)`` maps (``out_stride`` s, 4 by default), channels as in
   :data:`DETECTION_CHANNELS`; :mod:`xrayfm.tasks.detect` encodes targets and decodes screws.
 
 Both dense heads share :class:`ProgressiveDecoder`: every backbone map is projected to a common

@@ -124,9 +124,8 @@ def set_trainable(backbone: nn.Module, unfreeze: int) -> list[nn.Parameter]:
 
 def head_arguments(task: HeadTask, cfg: HeadTrainConfig) -> dict[str, Any]:
     """Keyword arguments the head of ``task`` is built with (saved in the head bundle)."""
-    kwargs = task.head_kwargs() | ({"width": cfg.head_width} if task.input_kind == "dense"
-                                   else {"feature_norm": cfg.feature_norm, "pool": cfg.pool})
-    return kwargs | ({"out_stride": cfg.out_stride} if task.head_task in ("segment", "detect") else {})
+    return task.head_kwargs() | ({"width": cfg.head_width, "out_stride": cfg.out_stride} if task.input_kind == "dense"
+                                 else {"feature_norm": cfg.feature_norm, "pool": cfg.pool})
 
 
 def _progress_noop(_: int) -> None:
