@@ -75,6 +75,8 @@ def main() -> None:
                     help="the region head's pooled embedding (HeadTrainConfig.pool)")
     ap.add_argument("--out-stride", type=int, default=4, choices=(1, 2, 4),
                     help="segment/detect heads' output stride (HeadTrainConfig.out_stride)")
+    ap.add_argument("--image-skip", action="store_true",
+                    help="segment/detect heads also read the input image (HeadTrainConfig.image_skip)")
     ap.add_argument("--tune", action="store_true",
                     help="also report segment/detect test metrics at the threshold tuned on the val split")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -102,7 +104,8 @@ def main() -> None:
                 cfg = HeadTrainConfig(task=task_name, img_size=args.img_size, epochs=epochs,
                                       batch_size=args.batch_size, lr=lr, label_fraction=frac, seed=args.seed,
                                       dihedral=args.dihedral, feature_norm=args.feature_norm, pool=args.pool,
-                                      unfreeze=args.unfreeze, out_stride=args.out_stride)
+                                      unfreeze=args.unfreeze, out_stride=args.out_stride,
+                                      image_skip=args.image_skip)
                 if args.unfreeze:  # fine-tuning changes the backbone in place: start each run afresh
                     bb = backbone_from_spec(spec)[1]
                 t0 = time.perf_counter()
@@ -123,7 +126,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     result = {"lake": args.lake, "n_train": len(train), "n_test": len(test), "img_size": args.img_size,
               "steps": args.steps, "dihedral": args.dihedral, "tune": args.tune,
-              "feature_norm": args.feature_norm, "pool": args.pool, "unfreeze": args.unfreeze, "out_stride": args.out_stride, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
+              "feature_norm": args.feature_norm, "pool": args.pool, "unfreeze": args.unfreeze, "out_stride": args.out_stride, "image_skip": args.image_skip, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
               "versions": versions(), "rows": rows}
     atomic_write_text(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")

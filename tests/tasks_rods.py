@@ -89,7 +89,8 @@ BUNDLE_SIZE = 64
 def build_tiny_bundle(
     root: Path, tasks: tuple[str, ...] = ("classify", "segment", "detect"), arch: str = "vit_tiny_patch16"
 ) -> Path:
-    """Random-init ``arch`` exported with export_backbone + heads trained 2 epochs on painted rods."""
+    """Random-init ``arch`` exported with export_backbone + heads trained 2 epochs on painted rods
+    (the segment head at stride 2 with ``image_skip``, so the bundle feeds it the input image)."""
     torch.manual_seed(0)
     bb_dir = root / "backbone"
     export_backbone(
@@ -99,7 +100,8 @@ def build_tiny_bundle(
     items = [rod_item(i, size=BUNDLE_SIZE, image="RG1_UNCR.dcm" if i % 2 else "RG3_UNCR.dcm") for i in range(8)]
     heads = []
     for task in tasks:
-        cfg = HeadTrainConfig(task=task, img_size=BUNDLE_SIZE, epochs=2, batch_size=8, head_width=16)
+        fine = {"out_stride": 2, "image_skip": True} if task == "segment" else {}
+        cfg = HeadTrainConfig(task=task, img_size=BUNDLE_SIZE, epochs=2, batch_size=8, head_width=16, **fine)
         head, history = train_head(backbone, items, cfg)
         heads.append(
             save_head_bundle(

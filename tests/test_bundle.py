@@ -123,6 +123,23 @@ def test_bundle_takes_the_heads_tuned_thresholds(tmp_path: Path, bundle_dir: Pat
     assert ModelBundle.load(untuned).options == {"detect_threshold": 0.3, "mask_threshold": 0.5}
 
 
+def test_image_skip_segment_head_in_training_and_in_the_bundle(bundle_dir: Path) -> None:
+    """The bundle's segment head (stride 2, ``image_skip``) gets the same input as in training."""
+    from tasks_rods import rod_item
+
+    from xrayfm.tasks.base import get_task
+    from xrayfm.tasks.train import load_head_bundle, predict_items
+
+    bundle = ModelBundle.load(bundle_dir)
+    head, card = load_head_bundle(bundle_dir.parent / "head_segment")
+    assert card["head_kwargs"]["image_skip"] is True and bundle.heads["segment"].image_skip
+    items = [rod_item(i, size=BUNDLE_SIZE + 16) for i in range(3)]
+    probs = predict_items(bundle.backbone, head, get_task("segment"), items, BUNDLE_SIZE, soft=True)
+    served = bundle.predict([it.image for it in items])
+    for p, r in zip(probs, served):
+        np.testing.assert_allclose(r["metal_probability"], p, atol=1e-5)
+
+
 def test_resnet_region_head_reads_every_stage_in_training_and_in_the_bundle(tmp_path: Path) -> None:
     from tasks_rods import build_tiny_bundle, rod_item
 

@@ -33,15 +33,18 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
         # detect: the cache holds 8 views of each image, and a stride-2 keypoint grid that
         # evaluate below must decode as such
         dihedral = ["--dihedral", "--out-stride", "2"] if task == "detect" else []
+        # segment: a stride-1 mask reading the input image as well (evaluate feeds it the image)
+        fine = ["--out-stride", "1", "--image-skip"] if task == "segment" else []
         with pytest.raises(SystemExit) as exc:
             main(["heads", "train", "--task", task, *_common(world), "--out", str(world / task),
-                  "--epochs", "2", "--img-size", "64", "--batch-size", "8", *fraction, *dihedral])
+                  "--epochs", "2", "--img-size", "64", "--batch-size", "8", *fraction, *dihedral, *fine])
         assert exc.value.code == 0
         assert f"trained {task} head" in capsys.readouterr().out
         card = json.loads((world / task / "head.json").read_text())
         assert card["task"] == task and card["backbone"]["arch"] == "resnet18"
         assert card["train_config"]["dihedral"] is bool(dihedral)
-        assert card["head_kwargs"].get("out_stride", 4) == (2 if task == "detect" else 4)
+        assert card["head_kwargs"].get("out_stride", 4) == {"detect": 2, "segment": 1}.get(task, 4)
+        assert card["head_kwargs"].get("image_skip", False) is (task == "segment")
         assert ("dihedral: true" in (world / task / "config.yaml").read_text()) is bool(dihedral)
         assert (world / task / "config.yaml").is_file() and (world / task / "metrics_val.json").is_file()
         if task == "segment":  # the mask threshold is chosen on the val split and kept in the card

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xrayfm.models.backbones import create_backbone
-from xrayfm.models.heads import DETECTION_CHANNELS, create_head, head_info, list_heads
+from xrayfm.models.heads import DETECTION_CHANNELS, create_head, head_info, head_reads_image, list_heads
 from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import LabeledImage
 from xrayfm.tasks.detect import decode_screws, encode_screws, truths
@@ -38,6 +38,30 @@ def test_head_output_shapes(arch: str, backbones: dict) -> None:
     assert det(dense).shape == (2, len(DETECTION_CHANNELS), 16, 24)
     det2 = create_head("screw_keypoints", bb.embed_dim, bb.dense_channels, bb.dense_strides, out_stride=2)
     assert det2.stride == 2 and det2(dense).shape == (2, len(DETECTION_CHANNELS), 32, 48)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("stride", [4, 2, 1])
+def test_image_skip_heads(arch: str, stride: int, backbones: dict) -> None:
+    """``image_skip``: the normalised input follows the maps; the output depends on its pixels."""
+    bb = backbones[arch]
+    x = torch.rand(2, 1, 64, 96)
+    with torch.no_grad():
+        dense = list(bb.forward_dense(x))
+    image = bb.normalise(x)
+    seg = create_head("seg_decoder", bb.embed_dim, bb.dense_channels, bb.dense_strides, out_stride=stride,
+                      image_skip=True).eval()
+    assert head_reads_image(seg) and not head_reads_image(create_head("seg_decoder", bb.embed_dim,
+                                                                      bb.dense_channels, bb.dense_strides))
+    with torch.no_grad():
+        y = seg([*dense, image], size=(64, 96))
+        y_other = seg([*dense, image.flip(-1)], size=(64, 96))
+    assert y.shape == (2, 1, 64, 96) and not torch.allclose(y, y_other)
+    det = create_head("screw_keypoints", bb.embed_dim, bb.dense_channels, bb.dense_strides, out_stride=stride,
+                      image_skip=True)
+    assert det([*dense, image]).shape == (2, len(DETECTION_CHANNELS), 64 // stride, 96 // stride)
+    with pytest.raises(ValueError, match="plus the input image"):
+        det(dense)
 
 
 def test_registry() -> None:

@@ -104,6 +104,9 @@ def train_cmd(
                                      "final for ViTs) [auto].")] = None,
     out_stride: Annotated[int | None, _Opt(help="Segment/detect heads' output stride: 4, or 2 / 1 for thin "
                                            "metal and screws whose ends lie a few px apart [4].")] = None,
+    image_skip: Annotated[bool | None, _Opt("--image-skip/--no-image-skip", help="Segment/detect heads also "
+                                            "read the input image at their output stride (thin metal "
+                                            "edges); default off.")] = None,
     tune_threshold: Annotated[bool | None, _Opt("--tune-threshold/--no-tune-threshold",
                                                 help="Choose the mask probability (segment) or screw score "
                                                 "(detect) threshold that maximises val Dice / F1; default on.")] = None,
@@ -126,7 +129,8 @@ def train_cmd(
     given = {"task": task, "head": head, "epochs": epochs, "batch_size": batch_size, "lr": lr,
              "img_size": img_size, "label_fraction": label_fraction, "unfreeze": unfreeze,
              "augment": augment, "dihedral": dihedral, "feature_norm": feature_norm,
-             "pool": pool, "out_stride": out_stride, "tune_threshold": tune_threshold, "seed": seed}
+             "pool": pool, "out_stride": out_stride, "image_skip": image_skip, "tune_threshold": tune_threshold,
+             "seed": seed}
     t0 = time.time()
     try:
         base = load_yaml(HeadTrainConfig, config) if config else HeadTrainConfig()

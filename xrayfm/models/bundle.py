@@ -36,7 +36,7 @@ from xrayfm.config import atomic_write_bytes, atomic_write_text
 from xrayfm.conventions import check_image
 from xrayfm.models.backbones import Backbone, ResNetBackbone, ViTBackbone, pool_levels
 from xrayfm.models.card import CARD_NAME, WEIGHTS_NAME, load_backbone
-from xrayfm.models.heads import head_pool
+from xrayfm.models.heads import head_pool, head_reads_image
 
 BUNDLE_FORMAT = "xrayfm-model-bundle"
 BUNDLE_VERSION = 1
@@ -284,13 +284,17 @@ class ModelBundle:
         if "classify" in self.heads:
             self._classify(pool_levels(dense) if cls_pool == "multilevel" else pooled, results)
         if "segment" in self.heads:
-            self._segment(self.heads["segment"](dense, size=(s, s)), images, results)
+            self._segment(self.heads["segment"](self._dense_input("segment", dense, x), size=(s, s)), images, results)
         if "detect" in self.heads:
-            self._detect(self.heads["detect"](dense), spacings, results)
+            self._detect(self.heads["detect"](self._dense_input("detect", dense, x)), spacings, results)
         if return_embedding:
             for r, e in zip(results, pooled.float().cpu().numpy()):
                 r["embedding"] = e.tolist()
         return results
+
+    def _dense_input(self, task: str, dense: list[Tensor], x: Tensor) -> list[Tensor]:
+        """The dense maps, followed by the normalised input for a head with ``image_skip``."""
+        return dense + [self.backbone.normalise(x)] if head_reads_image(self.heads[task]) else dense
 
     def _classify(self, pooled: Tensor, results: list[dict[str, Any]]) -> None:
         probs = torch.softmax(self.heads["classify"](pooled).float(), dim=1).cpu().numpy()

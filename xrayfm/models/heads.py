@@ -12,12 +12,14 @@ Both dense heads share :class:`ProgressiveDecoder`: every backbone map is projec
 width by a 1×1 conv and group-normalised, maps of equal stride are summed, and the coarsest map is upsampled ×2 step by
 step, adding the lateral map of each stride it passes (FPN-style for ResNet's 4 stages at strides
 4–32; for a ViT, whose blocks all sit at the patch stride, this is a concat of blocks followed by
-progressive upsampling). A new head is one :func:`register_head` entry.
+progressive upsampling). With ``image_skip`` the normalised input image follows the maps and joins
+the decoder at its output stride. A new head is one :func:`register_head` entry.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -79,6 +81,11 @@ def create_head(name: str, embed_dim: int, dense_channels: Sequence[int], dense_
 def head_pool(head: nn.Module) -> str:
     """The pooled embedding a head reads (``Backbone.forward_pooled``); "final" for dense heads."""
     return str(getattr(head, "pool", "final"))
+
+
+def head_reads_image(head: nn.Module) -> bool:
+    """Whether a dense head takes the normalised input image after the backbone's maps (``image_skip``)."""
+    return bool(getattr(head, "image_skip", False))
 
 
 POOLED_NORMS = ("standardize", "layernorm")
@@ -193,10 +200,17 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
 
 
 class ProgressiveDecoder(nn.Module):
-    """Multi-scale maps -> one map of ``width`` channels at ``out_stride``."""
+    """Multi-scale maps -> one map of :attr:`out_channels` channels at ``out_stride``.
+
+    Down to stride 4 every step has ``width`` channels; each ×2 step below stride 4 halves them
+    (at least 16), so a stride-2 or stride-1 output costs about as much as the stride-4 one. With
+    ``image_skip`` the (normalised) input image is the last element of ``feats``: a small conv
+    stem reads it at full resolution and joins the map at ``out_stride``, before the last block,
+    so edges the backbone's coarse maps lose (thin metal) reach the output.
+    """
 
     def __init__(self, dense_channels: Sequence[int], dense_strides: Sequence[int], width: int = 64,
-                 out_stride: int = 4) -> None:
+                 out_stride: int = 4, image_skip: bool = False) -> None:
         super().__init__()
         if len(dense_channels) != len(dense_strides) or not dense_channels:
             raise ValueError("backbone must report one stride per dense map (dense_channels/dense_strides)")
@@ -204,6 +218,7 @@ class ProgressiveDecoder(nn.Module):
             raise ValueError(f"out_stride {out_stride} must be a power-of-two step below stride {min(dense_strides)}")
         self.strides = list(dense_strides)
         self.out_stride = out_stride
+        self.image_skip = image_skip
         # Normalising each projected map puts frozen features of any scale on an equal footing.
         self.lateral = nn.ModuleList(nn.Sequential(nn.Conv2d(c, width, 1), nn.GroupNorm(8, width))
                                      for c in dense_channels)
@@ -214,18 +229,35 @@ class ProgressiveDecoder(nn.Module):
             steps.append(s // 2)
             s //= 2
         self.step_strides = steps
+        chans = [width] + [self._channels(width, s) for s in steps]
+        self.out_channels = chans[-1]
         self.top_block = _conv_block(width, width)
-        self.blocks = nn.ModuleList(_conv_block(width, width) for _ in steps)
+        self.blocks = nn.ModuleList(_conv_block(cin, cout) for cin, cout in pairwise(chans))
+        if image_skip:
+            stem_ch = 16
+            self.image_stem = nn.Sequential(
+                _conv_block(1, stem_ch), _conv_block(stem_ch, stem_ch),
+                nn.AvgPool2d(out_stride) if out_stride > 1 else nn.Identity(),
+                nn.Conv2d(stem_ch, chans[-2] if steps else width, 1))
+
+    @staticmethod
+    def _channels(width: int, stride: int) -> int:
+        return width if stride >= 4 else max(16, width * stride // 4)
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
-        if len(feats) != len(self.lateral):
-            raise ValueError(f"decoder built for {len(self.lateral)} dense maps, got {len(feats)}")
+        n = len(self.lateral) + int(self.image_skip)
+        if len(feats) != n:
+            extra = " plus the input image (image_skip)" if self.image_skip else ""
+            raise ValueError(f"decoder built for {len(self.lateral)} dense maps{extra}, got {len(feats)} inputs")
         by_stride: dict[int, Tensor] = {}
         for s, f, proj in zip(self.strides, feats, self.lateral):
             y = proj(f.float())
             by_stride[s] = by_stride[s] + y if s in by_stride else y
-        top = max(self.strides)
-        x = self.top_block(by_stride[top])
+        skip = self.image_stem(feats[-1].float()) if self.image_skip else None
+        x = by_stride[max(self.strides)]
+        if skip is not None and not self.step_strides:
+            x = x + _fit(skip, x)
+        x = self.top_block(x)
         for s, block in zip(self.step_strides, self.blocks):
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
             if s in by_stride:
@@ -233,23 +265,32 @@ class ProgressiveDecoder(nn.Module):
                 if lat.shape[-2:] != x.shape[-2:]:
                     x = F.interpolate(x, size=lat.shape[-2:], mode="bilinear", align_corners=False)
                 x = x + lat
+            if skip is not None and s == self.out_stride:
+                x = x + _fit(skip, x)
             x = block(x)
         return x
+
+
+def _fit(y: Tensor, like: Tensor) -> Tensor:
+    """``y`` resized to ``like``'s grid when the input size is not a multiple of the stride."""
+    return y if y.shape[-2:] == like.shape[-2:] else F.interpolate(y, size=like.shape[-2:], mode="bilinear",
+                                                                   align_corners=False)
 
 
 class SegmentationHead(nn.Module):
     """Progressive decoder -> per-pixel logits at ``out_stride``, bilinearly upsampled to the input size.
 
-    ``out_stride`` 2 adds one learned upsampling step below the finest backbone map: thin metal
-    needs it (benchmarks/seg_ceiling.py: a perfect stride-4 mask at 128 px reaches Dice 0.76,
-    at stride 2 0.90)."""
+    ``out_stride`` 2 or 1 adds learned upsampling steps below the finest backbone map: thin metal
+    needs them (benchmarks/seg_ceiling.py: a perfect stride-4 mask at 128 px reaches Dice 0.76,
+    at stride 2 0.90), and ``image_skip`` gives those steps the input's own edges."""
 
     def __init__(self, dense_channels: Sequence[int], dense_strides: Sequence[int], num_classes: int = 1,
-                 width: int = 64, out_stride: int = 4) -> None:
+                 width: int = 64, out_stride: int = 4, image_skip: bool = False) -> None:
         super().__init__()
         self.decoder = ProgressiveDecoder(dense_channels, dense_strides, width,
-                                          out_stride=min(out_stride, min(dense_strides)))
-        self.classifier = nn.Conv2d(width, num_classes, 1)
+                                          out_stride=min(out_stride, min(dense_strides)), image_skip=image_skip)
+        self.image_skip = image_skip
+        self.classifier = nn.Conv2d(self.decoder.out_channels, num_classes, 1)
 
     def forward(self, feats: Sequence[Tensor], size: tuple[int, int] | None = None) -> Tensor:
         y = self.classifier(self.decoder(feats))
@@ -265,15 +306,17 @@ class KeypointHead(nn.Module):
     to its tip and back, and a box margin (regressions in stride units)."""
 
     def __init__(self, dense_channels: Sequence[int], dense_strides: Sequence[int], width: int = 64,
-                 heat_prior: float = 0.01, out_stride: int = 4) -> None:
+                 heat_prior: float = 0.01, out_stride: int = 4, image_skip: bool = False) -> None:
         super().__init__()
         if min(dense_strides) < out_stride:
             raise ValueError(f"detector needs backbone maps at stride >= {out_stride}, got {min(dense_strides)}")
         self.stride = out_stride
-        self.decoder = ProgressiveDecoder(dense_channels, dense_strides, width, out_stride=out_stride)
-        self.heat = nn.Sequential(_conv_block(width, width), nn.Conv2d(width, N_HEATMAPS, 1))
-        self.regress = nn.Sequential(_conv_block(width, width),
-                                     nn.Conv2d(width, len(DETECTION_CHANNELS) - N_HEATMAPS, 1))
+        self.image_skip = image_skip
+        self.decoder = ProgressiveDecoder(dense_channels, dense_strides, width, out_stride=out_stride,
+                                          image_skip=image_skip)
+        c = self.decoder.out_channels
+        self.heat = nn.Sequential(_conv_block(c, c), nn.Conv2d(c, N_HEATMAPS, 1))
+        self.regress = nn.Sequential(_conv_block(c, c), nn.Conv2d(c, len(DETECTION_CHANNELS) - N_HEATMAPS, 1))
         # Start with a low keypoint probability everywhere so the focal loss is stable (CenterNet).
         nn.init.constant_(self.heat[-1].bias, float(torch.logit(torch.tensor(heat_prior))))
 
@@ -295,11 +338,11 @@ def _mlp(embed_dim: int, num_classes: int, hidden: int = 512, feature_norm: str 
 
 @register_head("seg_decoder", task="segment", input_kind="dense")
 def _seg(dense_channels: list[int], dense_strides: list[int], num_classes: int = 1, width: int = 64,
-         out_stride: int = 4, **_: Any) -> nn.Module:
-    return SegmentationHead(dense_channels, dense_strides, num_classes, width, out_stride)
+         out_stride: int = 4, image_skip: bool = False, **_: Any) -> nn.Module:
+    return SegmentationHead(dense_channels, dense_strides, num_classes, width, out_stride, image_skip)
 
 
 @register_head("screw_keypoints", task="detect", input_kind="dense")
 def _screw_keypoints(dense_channels: list[int], dense_strides: list[int], width: int = 64,
-                     out_stride: int = 4, **_: Any) -> nn.Module:
-    return KeypointHead(dense_channels, dense_strides, width, out_stride=out_stride)
+                     out_stride: int = 4, image_skip: bool = False, **_: Any) -> nn.Module:
+    return KeypointHead(dense_channels, dense_strides, width, out_stride=out_stride, image_skip=image_skip)

@@ -66,22 +66,26 @@ class FeatureCache:
 
 
 def backbone_features(backbone: torch.nn.Module, images: torch.Tensor, kind: str,
-                      pool: str = "final") -> torch.Tensor | list[torch.Tensor]:
-    """One backbone call: the pooled embedding ``pool`` ``(B, D)`` or the list of dense maps."""
+                      pool: str = "final", image: bool = False) -> torch.Tensor | list[torch.Tensor]:
+    """One backbone call: the pooled embedding ``pool`` ``(B, D)`` or the list of dense maps
+    (followed by the backbone-normalised ``images`` when ``image``: heads with ``image_skip``)."""
     if kind == "pooled":
         # "final" is a plain call, so wrapped backbones (DDP, torch.compile) work as before
         return backbone.forward_pooled(images, pool) if pool != "final" else backbone(images)
     if kind == "dense":
-        return list(backbone.forward_dense(images))
+        maps = list(backbone.forward_dense(images))
+        return maps + [backbone.normalise(images)] if image else maps
     raise ValueError(f"feature kind {kind!r} is not one of {KINDS}")
 
 
 @torch.no_grad()
 def compute_features(backbone: torch.nn.Module, images: Iterable[tuple[str, torch.Tensor]], kind: str,
                      info: dict[str, Any] | None = None,
-                     progress: Callable[[int], None] | None = None, pool: str = "final") -> FeatureCache:
+                     progress: Callable[[int], None] | None = None, pool: str = "final",
+                     image: bool = False) -> FeatureCache:
     """Run ``backbone`` (eval mode) over batches ``(ids, (B, 1, H, W) in [0,1])`` into a cache
-    (pooled caches hold the embedding ``pool``, :func:`backbone_features`).
+    (pooled caches hold the embedding ``pool``, dense ones the maps and, with ``image``, the
+    normalised input last: :func:`backbone_features`).
 
     ``progress(n)`` is called with the number of images done in each batch.
     """
@@ -91,7 +95,7 @@ def compute_features(backbone: torch.nn.Module, images: Iterable[tuple[str, torc
     chunks: list[list[torch.Tensor]] = []
     try:
         for batch_ids, x in images:
-            out = backbone_features(backbone, x, kind, pool)
+            out = backbone_features(backbone, x, kind, pool, image)
             maps = [out] if kind == "pooled" else out
             chunks.append([m.detach().to(torch.float16) for m in maps])
             ids += list(batch_ids)

@@ -28,7 +28,14 @@ from torch import nn
 
 from xrayfm.config import atomic_write_bytes, atomic_write_text
 from xrayfm.models.backbones import POOLINGS
-from xrayfm.models.heads import POOLED_NORMS, create_head, head_info, head_pool, input_standardizer
+from xrayfm.models.heads import (
+    POOLED_NORMS,
+    create_head,
+    head_info,
+    head_pool,
+    head_reads_image,
+    input_standardizer,
+)
 from xrayfm.tasks.base import HeadTask, get_task
 from xrayfm.tasks.data import (
     DIHEDRAL_ELEMENTS,
@@ -56,6 +63,7 @@ class HeadTrainConfig:
     feature_norm: str = "standardize"  # pooled heads' input: train-set "standardize" or per-item "layernorm"
     pool: str = "auto"               # pooled heads' embedding: "final", "multilevel", "auto" (per family)
     out_stride: int = 4              # dense heads' output stride: 4, or 2 / 1 for thin metal, crowded screws
+    image_skip: bool = False         # dense heads also read the input image at out_stride (thin metal edges)
     img_size: int = 224
     epochs: int = 30
     batch_size: int = 32
@@ -124,7 +132,8 @@ def set_trainable(backbone: nn.Module, unfreeze: int) -> list[nn.Parameter]:
 
 def head_arguments(task: HeadTask, cfg: HeadTrainConfig) -> dict[str, Any]:
     """Keyword arguments the head of ``task`` is built with (saved in the head bundle)."""
-    return task.head_kwargs() | ({"width": cfg.head_width, "out_stride": cfg.out_stride} if task.input_kind == "dense"
+    dense = {"width": cfg.head_width, "out_stride": cfg.out_stride, "image_skip": cfg.image_skip}
+    return task.head_kwargs() | (dense if task.input_kind == "dense"
                                  else {"feature_norm": cfg.feature_norm, "pool": cfg.pool})
 
 
@@ -205,7 +214,7 @@ def _fit_on_cache(backbone: nn.Module, head: nn.Module, task: HeadTask, items: l
     base = [resize_item(it, *size) for it in items]
     n, views = len(base), cfg.cache_views
     cache = compute_features(backbone, _view_batches(base, views, cfg.batch_size), task.input_kind,
-                             progress=progress, pool=head_pool(head))
+                             progress=progress, pool=head_pool(head), image=head_reads_image(head))
     if (norm := input_standardizer(head)) is not None:
         norm.fit(cache.feats[0])
     history = []
@@ -250,7 +259,7 @@ def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: li
                 batch = [dihedral_item(it, k) for it, k in zip(batch, ks)]
             x = images_tensor(batch)
             with torch.set_grad_enabled(cfg.unfreeze != 0):
-                feats = backbone_features(backbone, x, task.input_kind, head_pool(head))
+                feats = backbone_features(backbone, x, task.input_kind, head_pool(head), head_reads_image(head))
             out = task.run_head(head, feats, size)
             losses.append(_step(task.loss(out, task.targets(batch)), opt, sched))
             progress(len(idx))
@@ -272,7 +281,8 @@ def predict_items(backbone: nn.Module, head: nn.Module, task: HeadTask, items: S
     for i in range(0, len(items), batch_size):
         chunk = list(items[i:i + batch_size])
         x = images_tensor([resize_item(it, *size) for it in chunk])
-        out = task.run_head(head, backbone_features(backbone, x, task.input_kind, head_pool(head)), size)
+        out = task.run_head(head, backbone_features(backbone, x, task.input_kind, head_pool(head),
+                                                    head_reads_image(head)), size)
         preds += predict(out, chunk, size)
         if progress is not None:
             progress(len(chunk))
