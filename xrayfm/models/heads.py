@@ -203,7 +203,8 @@ class ProgressiveDecoder(nn.Module):
     """Multi-scale maps -> one map of :attr:`out_channels` channels at ``out_stride``.
 
     Down to stride 4 every step has ``width`` channels; each ×2 step below stride 4 halves them
-    (at least 16), so a stride-2 or stride-1 output costs about as much as the stride-4 one. With
+    (at least 16), which keeps the finer maps' convolutions affordable (a stride-1 head with the
+    image still trains ~10x slower than a stride-4 one on a CPU thread, docs/heads.md). With
     ``image_skip`` the (normalised) input image is the last element of ``feats``: a small conv
     stem reads it at full resolution and joins the map at ``out_stride``, before the last block,
     so edges the backbone's coarse maps lose (thin metal) reach the output.
