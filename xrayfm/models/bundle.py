@@ -283,18 +283,18 @@ class ModelBundle:
         results = [{"height": int(im.shape[0]), "width": int(im.shape[1])} for im in images]
         if "classify" in self.heads:
             self._classify(pool_levels(dense) if cls_pool == "multilevel" else pooled, results)
+        # heads with image_skip read the normalised input after the maps; normalise it once for all
+        reads_image = {t: head_reads_image(h) for t, h in self.heads.items() if t in ("segment", "detect")}
+        with_image = dense + [self.backbone.normalise(x)] if any(reads_image.values()) else dense
         if "segment" in self.heads:
-            self._segment(self.heads["segment"](self._dense_input("segment", dense, x), size=(s, s)), images, results)
+            self._segment(self.heads["segment"](with_image if reads_image["segment"] else dense, size=(s, s)),
+                          images, results)
         if "detect" in self.heads:
-            self._detect(self.heads["detect"](self._dense_input("detect", dense, x)), spacings, results)
+            self._detect(self.heads["detect"](with_image if reads_image["detect"] else dense), spacings, results)
         if return_embedding:
             for r, e in zip(results, pooled.float().cpu().numpy()):
                 r["embedding"] = e.tolist()
         return results
-
-    def _dense_input(self, task: str, dense: list[Tensor], x: Tensor) -> list[Tensor]:
-        """The dense maps, followed by the normalised input for a head with ``image_skip``."""
-        return dense + [self.backbone.normalise(x)] if head_reads_image(self.heads[task]) else dense
 
     def _classify(self, pooled: Tensor, results: list[dict[str, Any]]) -> None:
         probs = torch.softmax(self.heads["classify"](pooled).float(), dim=1).cpu().numpy()

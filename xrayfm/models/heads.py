@@ -262,10 +262,7 @@ class ProgressiveDecoder(nn.Module):
         for s, block in zip(self.step_strides, self.blocks):
             x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
             if s in by_stride:
-                lat = by_stride[s]
-                if lat.shape[-2:] != x.shape[-2:]:
-                    x = F.interpolate(x, size=lat.shape[-2:], mode="bilinear", align_corners=False)
-                x = x + lat
+                x = _fit(x, by_stride[s]) + by_stride[s]
             if skip is not None and s == self.out_stride:
                 x = x + _fit(skip, x)
             x = block(x)
