@@ -4,11 +4,13 @@
 #      ViT-S/16, ResNet-50, ViT-tiny, ResNet-18 at the reference crops (2 x 224 + 10 x 96, batch 64);
 #   2. `xrayfm pretrain` end to end on the GPU (bf16, channels-last ResNet, data loader workers):
 #      12 steps straight vs 5 steps + resume to 12, same seed; prints the largest weight difference;
-#   3. the bf16 step again with torch.compile'd backbones.
-# Usage: benchmarks/gpu_checks.sh LAKE OUTDIR   (python3 = an interpreter with torch, timm, the
+#   3. the bf16 step again with torch.compile'd backbones;
+#   4. with LABELS (the synth run of the lake): `xrayfm heads train` segment + detect on the GPU
+#      (bf16 head, backbone of part 2) and `xrayfm evaluate` there, timed.
+# Usage: benchmarks/gpu_checks.sh LAKE OUTDIR [LABELS]   (python3 = an interpreter with torch, timm, the
 # package's dependencies and lightly; each part has a time cap so a slow one cannot eat the rest)
 set -u
-LAKE=${1:?lake folder}; OUT=${2:?output folder}
+LAKE=${1:?lake folder}; OUT=${2:?output folder}; LABELS=${3:-}
 mkdir -p "$OUT"; RUNS=$(mktemp -d)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -31,3 +33,14 @@ PY
 timeout 150 python3 benchmarks/pretrain.py --archs vit_small_patch16,resnet50 --precisions bf16 --compile \
   --no-memory --no-peer --rounds 10 --out "$OUT/pretrain_gpu_compile.json" 2>&1 | grep -v Warning \
   | tee "$OUT/compile.log"
+if [ -n "$LABELS" ]; then
+  { for t in segment detect; do
+      /usr/bin/time -f "heads train $t: %e s" timeout 120 python3 -m xrayfm heads train --backbone "$RUNS/straight" \
+        --task "$t" --lake "$LAKE" --labels "$LABELS" --img-size 128 --epochs 10 --out "$RUNS/head_$t"
+    done
+    /usr/bin/time -f "evaluate: %e s" timeout 120 python3 -m xrayfm evaluate --backbone "$RUNS/straight" \
+      --heads "$RUNS/head_segment" --heads "$RUNS/head_detect" --lake "$LAKE" --labels "$LABELS" --knn \
+      --out "$OUT/heads_gpu_metrics.json"
+    grep -h -E '"device"|precision' "$RUNS/head_segment/run.json" "$RUNS/head_segment/config.yaml"
+  } > "$OUT/heads.log" 2>&1
+fi

@@ -35,7 +35,7 @@ from xrayfm.models.backbones import POOLINGS
 from xrayfm.models.heads import POOLED_NORMS
 from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import label_subset, load_labeled_images
-from xrayfm.tasks.train import HeadTrainConfig, predict_items, train_head
+from xrayfm.tasks.train import HEAD_PRECISIONS, HeadTrainConfig, predict_items, train_head
 
 RESULTS = Path(__file__).resolve().parent / "results" / "label_efficiency.json"
 KEYS = {"classify": ("accuracy", "recall_macro", "top3_accuracy"),
@@ -77,6 +77,8 @@ def main() -> None:
                     help="segment/detect heads' output stride (HeadTrainConfig.out_stride)")
     ap.add_argument("--image-skip", action="store_true",
                     help="segment/detect heads also read the input image (HeadTrainConfig.image_skip)")
+    ap.add_argument("--precision", default="auto", choices=HEAD_PRECISIONS,
+                    help="heads' forward pass (HeadTrainConfig.precision; auto = bf16 on an AMX/AVX-512 CPU)")
     ap.add_argument("--tune", action="store_true",
                     help="also report segment/detect test metrics at the threshold tuned on the val split")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -105,7 +107,7 @@ def main() -> None:
                                       batch_size=args.batch_size, lr=lr, label_fraction=frac, seed=args.seed,
                                       dihedral=args.dihedral, feature_norm=args.feature_norm, pool=args.pool,
                                       unfreeze=args.unfreeze, out_stride=args.out_stride,
-                                      image_skip=args.image_skip)
+                                      image_skip=args.image_skip, precision=args.precision)
                 if args.unfreeze:  # fine-tuning changes the backbone in place: start each run afresh
                     bb = backbone_from_spec(spec)[1]
                 t0 = time.perf_counter()
@@ -126,7 +128,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     result = {"lake": args.lake, "n_train": len(train), "n_test": len(test), "img_size": args.img_size,
               "steps": args.steps, "dihedral": args.dihedral, "tune": args.tune,
-              "feature_norm": args.feature_norm, "pool": args.pool, "unfreeze": args.unfreeze, "out_stride": args.out_stride, "image_skip": args.image_skip, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
+              "feature_norm": args.feature_norm, "pool": args.pool, "unfreeze": args.unfreeze, "out_stride": args.out_stride, "image_skip": args.image_skip,
+              "precision": args.precision, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
               "versions": versions(), "rows": rows}
     atomic_write_text(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")

@@ -14,8 +14,9 @@ meaningful on a machine shared with other jobs; wall-clock seconds alongside. Re
 httpx's ASGI transport in this process (no sockets): ``serve_single`` posts ``--single`` requests
 one after another (window 0, max batch 1), ``serve_concurrent_batched`` / ``_unbatched`` post
 ``--requests`` at once (window 20 ms, max 8 / window 0, max 1); requests/s and latency
-percentiles are wall-clock, per request from send to answer. Prints and writes
-benchmarks/results/serve.json.
+percentiles are wall-clock, per request from send to answer. ``--precision bf16`` loads the
+bundle with bf16 autocast (``ModelBundle.load``). Prints and writes benchmarks/results/serve.json
+(or ``--out``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from xrayfm.models.backbones import create_backbone
 from xrayfm.models.bundle import ModelBundle, joint_features
 from xrayfm.models.card import export_backbone, load_backbone
 from xrayfm.models.heads import create_head
+from xrayfm.models.runtime import autocast
 from xrayfm.report.overlay import draw_overlay, png_bytes
 from xrayfm.serve.app import create_app
 from xrayfm.serve.results import frame_spacing, result_json
@@ -120,6 +122,9 @@ def main() -> None:
     ap.add_argument("--dicom", type=Path, help="the file to POST (default: the 1024x1024 CR DICOM)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                    help="the bundle's forward pass (ModelBundle.load precision)")
+    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dicom = args.dicom or SHARED_DICOM
@@ -128,7 +133,8 @@ def main() -> None:
 
         dicom = Path(get_testdata_file("RG1_UNCR.dcm"))
     with tempfile.TemporaryDirectory() as tmp:
-        bundle = ModelBundle.load(args.model or build_bundle(Path(tmp), args.arch, args.size))
+        bundle = ModelBundle.load(args.model or build_bundle(Path(tmp), args.arch, args.size),
+                                  precision=args.precision)
         args.arch, args.size = bundle.card()["arch"], bundle.card()["input_size"]
         frame = next(iter(read_any(dicom)))
         img, spacing = frame.image, frame_spacing(frame)
@@ -140,6 +146,7 @@ def main() -> None:
             "input": dicom.name,
             "input_shape": list(img.shape),
             "torch_threads": torch.get_num_threads(),
+            "precision": bundle.precision,
         }
         res["decode_s"] = timed(lambda: next(iter(read_any(dicom))), args.reps)
         res["predict_1_image_s"] = timed(lambda: bundle.predict([img], [spacing]), args.reps)
@@ -148,7 +155,8 @@ def main() -> None:
         res["json_s"] = timed(lambda: json.dumps(result_json(r, frame)), args.reps)
         res["overlay_png_s"] = timed(lambda: png_bytes(draw_overlay(img, r)), args.reps)
         x = torch.rand(8, 1, args.size, args.size)
-        with torch.no_grad():
+        amp = torch.bfloat16 if bundle.precision == "bf16" else None
+        with torch.no_grad(), autocast(x.device, amp):
             res["backbone_joint_pass_s_per_image"] = timed(lambda: joint_features(bundle.backbone, x), 2, 8)
             res["backbone_pass_per_head_s_per_image"] = timed(
                 lambda: (
@@ -171,7 +179,7 @@ def main() -> None:
             stats["backbone_passes"] = app.state.batcher.batches - before
             res[f"serve_concurrent_{label}"] = stats
     res["versions"] = versions()
-    atomic_write_text(OUT, json.dumps(res, indent=2))
+    atomic_write_text(args.out, json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
 
 

@@ -155,3 +155,28 @@ def test_resnet_region_head_reads_every_stage_in_training_and_in_the_bundle(tmp_
     served = bundle.predict([it.image for it in items])
     for p, r in zip(probs, served):
         np.testing.assert_allclose(list(r["probabilities"].values()), p, atol=1e-5)
+
+
+def test_bf16_bundle_runs_autocast_and_agrees_with_fp32(bundle_dir: Path) -> None:
+    """``precision="bf16"`` runs the forward pass in bf16 (where the CPU has fast bf16) and returns
+    float32 results close to the fp32 bundle's: same top region, near-equal metal probabilities."""
+    from tasks_rods import rod_item
+
+    from xrayfm.models.runtime import resolve_precision
+
+    exact, fast = ModelBundle.load(bundle_dir), ModelBundle.load(bundle_dir, precision="bf16")
+    bf16 = resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    assert (exact.card()["precision"], fast.card()["precision"]) == ("fp32", "bf16" if bf16 else "fp32")
+    dtypes: list[torch.dtype] = []
+    fast.backbone.model.patch_embed.proj.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    images = [rod_item(i, size=BUNDLE_SIZE + 16).image for i in range(4)]
+    a, b = exact.predict(images, return_embedding=True), fast.predict(images, return_embedding=True)
+    assert dtypes == [torch.bfloat16 if bf16 else torch.float32]
+    for ra, rb in zip(a, b):
+        assert ra["top3"][0]["index"] == rb["top3"][0]["index"]
+        assert rb["metal_probability"].dtype == np.float32
+        diff = np.abs(ra["metal_probability"] - rb["metal_probability"])
+        assert diff.max() < 0.1 and diff.mean() < 0.01
+        assert np.corrcoef(ra["embedding"], rb["embedding"])[0, 1] > 0.99
+    with pytest.raises(ValueError, match="precision must be auto, bf16 or fp32"):
+        ModelBundle.load(bundle_dir, precision="fp16")

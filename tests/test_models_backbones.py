@@ -247,3 +247,24 @@ def test_pooled_embeddings(arch: str) -> None:
     assert bb.resolve_pool("auto") == ("multilevel" if arch == "resnet18" else "final")
     with pytest.raises(ValueError, match="pool must be one of final, multilevel"):
         bb.forward_pooled(x, "max")
+
+
+def test_runtime_device_and_precision() -> None:
+    from xrayfm.config import ConfigError
+    from xrayfm.models.runtime import module_device, resolve_device, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_device("auto") == (torch.device("cuda") if torch.cuda.is_available() else cpu)
+    assert resolve_device("cpu") == cpu
+    with pytest.raises(ConfigError, match="device 'npu0' is not a torch device"):
+        resolve_device("npu0")
+    with pytest.raises(ConfigError, match="device 'meta' is not supported"):
+        resolve_device("meta")
+    assert module_device(torch.nn.Linear(2, 2)) == cpu and module_device(torch.nn.ReLU()) == cpu
+    assert resolve_precision("fp32", cpu) is None
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ConfigError, match="precision must be one of auto, bf16, fp16, fp32, got 'int8'"):
+        resolve_precision("int8", cpu)
+    fast = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if fast else None)

@@ -203,3 +203,27 @@ def test_predict_writes_dicom_seg_for_single_frame_dicom(
     seg_mask = seg.get_pixels_by_source_instance([src.SOPInstanceUID], combine_segments=True)[0] > 0
     assert np.array_equal(seg_mask, rle_decode(fr["metal"]["mask_rle"]))
     assert not list(out.glob("emri_small*_seg.dcm"))
+
+
+def test_predict_bf16_agrees_with_fp32(tmp_path: Path, bundle_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--precision bf16`: same top region as fp32 on a real radiograph, and the run record says
+    what ran (bf16 where the CPU has fast bf16)."""
+    import torch
+    import yaml
+
+    from xrayfm.models.runtime import resolve_precision
+
+    rg3 = pydicom_data_file("RG3_UNCR.dcm")
+    docs = {}
+    for prec in ("fp32", "bf16"):
+        code, text = _run(capsys, "predict", str(rg3), "--model", str(bundle_dir), "--out", str(tmp_path / prec),
+                          "--precision", prec, "--no-overlay")
+        assert code == 0, text
+        docs[prec] = json.loads((tmp_path / prec / "RG3_UNCR.json").read_text())["frames"][0]
+        ran = yaml.safe_load((tmp_path / prec / "config.yaml").read_text())["bundle"]["precision"]
+        fast = resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+        assert ran == ("bf16" if prec == "bf16" and fast else "fp32")
+    assert docs["fp32"]["top3"][0]["region"] == docs["bf16"]["top3"][0]["region"]
+    code, text = _run(capsys, "predict", str(rg3), "--model", str(bundle_dir), "--out", str(tmp_path / "x"),
+                      "--precision", "fp8")
+    assert code == 2 and "precision must be auto, bf16 or fp32" in text

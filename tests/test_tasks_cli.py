@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from synth_world import heads_world
 
 from xrayfm.cli import main
 from xrayfm.lake import read_rows
+from xrayfm.models.runtime import resolve_device
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,8 +35,9 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
         # detect: the cache holds 8 views of each image, and a stride-2 keypoint grid that
         # evaluate below must decode as such
         dihedral = ["--dihedral", "--out-stride", "2"] if task == "detect" else []
-        # segment: a stride-1 mask reading the input image as well (evaluate feeds it the image)
-        fine = ["--out-stride", "1", "--image-skip"] if task == "segment" else []
+        # segment: a stride-1 mask reading the input image as well (evaluate feeds it the image),
+        # trained in fp32 on the CPU named explicitly (the others: auto device and precision)
+        fine = ["--out-stride", "1", "--image-skip", "--device", "cpu", "--precision", "fp32"] if task == "segment" else []
         with pytest.raises(SystemExit) as exc:
             main(["heads", "train", "--task", task, *_common(world), "--out", str(world / task),
                   "--epochs", "2", "--img-size", "64", "--batch-size", "8", *fraction, *dihedral, *fine])
@@ -43,6 +46,11 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
         card = json.loads((world / task / "head.json").read_text())
         assert card["task"] == task and card["backbone"]["arch"] == "resnet18"
         assert card["train_config"]["dihedral"] is bool(dihedral)
+        fast = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # precision "auto" is saved as what ran
+        assert (card["train_config"]["device"], card["train_config"]["precision"]) == \
+            (("cpu", "fp32") if task == "segment" else ("auto", "bf16" if fast else "fp32"))
+        ran_on = json.loads((world / task / "run.json").read_text())["device"]
+        assert ran_on.split(":")[0] == resolve_device(card["train_config"]["device"]).type
         assert card["head_kwargs"].get("out_stride", 4) == {"detect": 2, "segment": 1}.get(task, 4)
         assert card["head_kwargs"].get("image_skip", False) is (task == "segment")
         assert ("dihedral: true" in (world / task / "config.yaml").read_text()) is bool(dihedral)
@@ -56,7 +64,7 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
         assert n_train < splits.count("train") if fraction else n_train == splits.count("train")
     out = world / "eval" / "metrics.json"
     with pytest.raises(SystemExit) as exc:
-        main(["evaluate", *_common(world), "--split", "val", "--out", str(out), "--classical",
+        main(["evaluate", *_common(world), "--split", "val", "--out", str(out), "--classical", "--device", "cpu",
               *[a for t in ("classify", "segment", "detect") for a in ("--heads", str(world / t))]])
     assert exc.value.code == 0
     doc = json.loads(out.read_text())
@@ -87,6 +95,8 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
     (["--task", "segment", "--labels", "/nonexistent/labels.parquet"], "no labels file"),
     (["--task", "segment", "--img-size", "50"], "multiple of 32"),
     (["--task", "classify", "--pool", "max"], "pool must be auto or one of final, multilevel"),
+    (["--task", "segment", "--precision", "fp16"], "precision must be one of auto, bf16, fp32"),
+    (["--task", "segment", "--device", "tpu"], "device 'tpu' is not a torch device"),
 ])
 def test_train_bad_input_is_one_line(world: Path, capsys: pytest.CaptureFixture[str], args: list[str],
                                      message: str) -> None:

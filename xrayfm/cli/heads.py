@@ -110,11 +110,15 @@ def train_cmd(
     tune_threshold: Annotated[bool | None, _Opt("--tune-threshold/--no-tune-threshold",
                                                 help="Choose the mask probability (segment) or screw score "
                                                 "(detect) threshold that maximises val Dice / F1; default on.")] = None,
+    device: Annotated[str | None, _Opt(help="auto (the GPU when there is one), cpu, cuda or cuda:N [auto].")] = None,
+    precision: Annotated[str | None, _Opt(help="Head forward pass: auto (bf16 on a GPU or a CPU with fast "
+                                          "bf16), bf16 or fp32 [auto].")] = None,
     seed: Annotated[int | None, _Opt(help="Seed [0].")] = None,
 ) -> None:
     """Train one head on the lake's train split (labels joined on pixel hash); report val metrics."""
     from xrayfm.config import from_dict, load_yaml, to_dict, write_run_record
     from xrayfm.models.card import load_backbone
+    from xrayfm.models.runtime import module_device
     from xrayfm.tasks.base import get_task
     from xrayfm.tasks.data import label_subset
     from xrayfm.tasks.train import (
@@ -130,7 +134,7 @@ def train_cmd(
              "img_size": img_size, "label_fraction": label_fraction, "unfreeze": unfreeze,
              "augment": augment, "dihedral": dihedral, "feature_norm": feature_norm,
              "pool": pool, "out_stride": out_stride, "image_skip": image_skip, "tune_threshold": tune_threshold,
-             "seed": seed}
+             "device": device, "precision": precision, "seed": seed}
     t0 = time.time()
     try:
         base = load_yaml(HeadTrainConfig, config) if config else HeadTrainConfig()
@@ -163,6 +167,7 @@ def train_cmd(
 
             atomic_write_text(out / "metrics_val.json", json.dumps(_json_safe(val_metrics), indent=2))
         write_run_record(out, cfg, seed=cfg.seed, extra={"backbone": str(backbone), "lake": lake,
+                                                         "device": str(module_device(bb)),
                                                          "labels": labels, "n_train": n_used,
                                                          "n_val": len(val), "history": history})
     except _user_errors() as exc:
@@ -188,6 +193,7 @@ def evaluate_cmd(
                               "fitted on the train split.")] = True,
     classical: Annotated[bool, _Opt("--classical", help="Also PCA+SVM on features and on raw 32 px "
                                     "thumbnails (needs --knn).")] = False,
+    device: Annotated[str, _Opt(help="auto (the GPU when there is one), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Evaluate head bundles on a split and write metrics.json (see docs/heads.md for the keys)."""
     from xrayfm.config import atomic_write_text, write_run_record
@@ -199,11 +205,12 @@ def evaluate_cmd(
             raise ValueError(f"no labelled images in split {split!r}; check --lake, --labels and --split")
         train = _load_items(lake, labels, "train") if knn and _has_classifier(heads) else None
         with _bar("evaluate", len(items) * len(heads)) as step:
-            doc = evaluate_heads(backbone, heads, items, train, classical=classical, progress=step)
+            doc = evaluate_heads(backbone, heads, items, train, classical=classical, progress=step, device=device)
         doc["split"] = split
         atomic_write_text(out, json.dumps(_json_safe(doc), indent=2))
         write_run_record(_record_dir(out), {"backbone": backbone, "heads": heads, "lake": lake, "labels": labels,
-                                      "split": split, "knn": knn, "classical": classical})
+                                      "split": split, "knn": knn, "classical": classical,
+                                            "device": device})
     except _user_errors() as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
     parts = []

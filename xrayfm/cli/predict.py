@@ -81,7 +81,9 @@ def predict_cmd(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Frames per backbone pass.")] = 8,
     overlay: Annotated[bool, typer.Option("--overlay/--no-overlay", help="Write overlay PNGs.")] = True,
-    device: Annotated[str, typer.Option(help="Torch device: cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda or auto.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 (as evaluated), bf16 or auto (bf16 on a GPU or a CPU "
+                                           "with fast bf16): the forward pass under autocast.")] = "fp32",
     dicom_seg: Annotated[
         bool,
         typer.Option(
@@ -108,7 +110,7 @@ def predict_cmd(
     if batch_size < 1 or every < 1 or (max_frames is not None and max_frames < 1):
         raise UserError("--batch-size, --every and --max-frames must be >= 1")
     try:
-        bundle = ModelBundle.load(model, device)
+        bundle = ModelBundle.load(model, device, precision)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
     try:

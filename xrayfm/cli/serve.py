@@ -31,7 +31,9 @@ def serve_cmd(
     max_frames: Annotated[
         int, typer.Option(help="Multi-frame uploads: at most N frames, evenly spread.")
     ] = 16,
-    device: Annotated[str, typer.Option(help="Torch device: cpu or cuda.")] = "cpu",
+    device: Annotated[str, typer.Option(help="Torch device: cpu, cuda or auto.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 (as evaluated), bf16 or auto (bf16 on a GPU or a CPU "
+                                           "with fast bf16): the forward pass under autocast.")] = "fp32",
 ) -> None:
     """Serve POST /v1/predict, GET /v1/model, GET /healthz, the viewer at / and OpenAPI docs at /docs."""
     import uvicorn
@@ -44,7 +46,7 @@ def serve_cmd(
             "--max-upload-mb must be > 0, --max-batch and --max-frames >= 1, --batch-window-ms >= 0"
         )
     try:
-        bundle = ModelBundle.load(model, device)
+        bundle = ModelBundle.load(model, device, precision)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:

@@ -37,6 +37,7 @@ from xrayfm.conventions import check_image
 from xrayfm.models.backbones import Backbone, ResNetBackbone, ViTBackbone, pool_levels
 from xrayfm.models.card import CARD_NAME, WEIGHTS_NAME, load_backbone
 from xrayfm.models.heads import head_pool, head_reads_image
+from xrayfm.models.runtime import autocast
 
 BUNDLE_FORMAT = "xrayfm-model-bundle"
 BUNDLE_VERSION = 1
@@ -119,6 +120,7 @@ class ModelBundle:
     class_names: list[str]
     options: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
+    precision: str = "fp32"  # what the forward pass runs in: fp32 or bf16 (autocast)
 
     # ------------------------------------------------------------------ create / load
     @staticmethod
@@ -200,16 +202,17 @@ class ModelBundle:
         return out_dir
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> ModelBundle:
-        """Load a bundle folder written by :meth:`create` in eval mode on ``device`` ("cpu", "cuda")."""
+    def load(cls, path: str | Path, device: str = "cpu", precision: str = "fp32") -> ModelBundle:
+        """Load a bundle folder written by :meth:`create` in eval mode on ``device`` ("cpu", "cuda",
+        "auto"); ``precision`` "bf16" (or "auto": bf16 where it is fast) runs the forward pass
+        under bf16 autocast, fp32 (the default) exactly as evaluated."""
+        from xrayfm.models.runtime import resolve_device, resolve_precision
         from xrayfm.tasks.train import load_head_bundle
 
-        try:
-            dev = torch.device(device)
-        except RuntimeError as exc:
-            raise ValueError(f"device {device!r} is not a torch device; use cpu or cuda") from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+        dev = resolve_device(device)
+        if precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+        amp = resolve_precision(precision, dev)
 
         p = Path(path)
         card_path = p / BUNDLE_CARD
@@ -236,6 +239,7 @@ class ModelBundle:
             list(card.get("class_names") or []),
             dict(card.get("options") or {}),
             str(dev),
+            "bf16" if amp == torch.bfloat16 else "fp32",
         )
 
     # ------------------------------------------------------------------ inference
@@ -248,6 +252,7 @@ class ModelBundle:
             "class_names": self.class_names,
             "options": self.options,
             "device": self.device,
+            "precision": self.precision,
             "intensity_convention": self.backbone_card.get("intensity_convention"),
             "backbone": {k: v for k, v in self.backbone_card.items() if k not in ("versions",)},
         }
@@ -277,27 +282,41 @@ class ModelBundle:
         x = torch.from_numpy(
             np.stack([_resize(check_image(im, f"image {i}"), s) for i, im in enumerate(images)])
         )[:, None].to(self.device)
+        results = [{"height": int(im.shape[0]), "width": int(im.shape[1])} for im in images]
+        with autocast(x.device, torch.bfloat16 if self.precision == "bf16" else None):
+            pooled, outs = self._forward(x)
+        if "classify" in outs:
+            self._classify(outs["classify"], results)
+        if "segment" in outs:
+            self._segment(outs["segment"], images, results)
+        if "detect" in outs:
+            self._detect(outs["detect"], spacings, results)
+        if return_embedding:
+            for r, e in zip(results, pooled.cpu().numpy()):
+                r["embedding"] = e.tolist()
+        return results
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One backbone pass over ``x`` and every head: the pooled embedding and each task's raw
+        output (class logits, mask logits at the input size, keypoint maps), all float32."""
+        s = self.input_size
         cls_pool = head_pool(self.heads["classify"]) if "classify" in self.heads else "final"
         need_dense = any(t in self.heads for t in ("segment", "detect")) or cls_pool == "multilevel"
         pooled, dense = joint_features(self.backbone, x, dense=need_dense)
-        results = [{"height": int(im.shape[0]), "width": int(im.shape[1])} for im in images]
+        outs: dict[str, Tensor] = {}
         if "classify" in self.heads:
-            self._classify(pool_levels(dense) if cls_pool == "multilevel" else pooled, results)
+            outs["classify"] = self.heads["classify"](pool_levels(dense) if cls_pool == "multilevel" else pooled)
         # heads with image_skip read the normalised input after the maps; normalise it once for all
         reads_image = {t: head_reads_image(h) for t, h in self.heads.items() if t in ("segment", "detect")}
         with_image = dense + [self.backbone.normalise(x)] if any(reads_image.values()) else dense
         if "segment" in self.heads:
-            self._segment(self.heads["segment"](with_image if reads_image["segment"] else dense, size=(s, s)),
-                          images, results)
+            outs["segment"] = self.heads["segment"](with_image if reads_image["segment"] else dense, size=(s, s))
         if "detect" in self.heads:
-            self._detect(self.heads["detect"](with_image if reads_image["detect"] else dense), spacings, results)
-        if return_embedding:
-            for r, e in zip(results, pooled.float().cpu().numpy()):
-                r["embedding"] = e.tolist()
-        return results
+            outs["detect"] = self.heads["detect"](with_image if reads_image["detect"] else dense)
+        return pooled.float(), {t: o.float() for t, o in outs.items()}
 
-    def _classify(self, pooled: Tensor, results: list[dict[str, Any]]) -> None:
-        probs = torch.softmax(self.heads["classify"](pooled).float(), dim=1).cpu().numpy()
+    def _classify(self, logits: Tensor, results: list[dict[str, Any]]) -> None:
+        probs = torch.softmax(logits, dim=1).cpu().numpy()
         names = self.class_names or [f"class_{i}" for i in range(probs.shape[1])]
         for r, p in zip(results, probs):
             order = np.argsort(-p)[:3]

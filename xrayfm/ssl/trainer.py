@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from xrayfm.config import ConfigError, atomic_write_text, to_dict, write_run_record
 from xrayfm.models.backbones import ResNetBackbone
 from xrayfm.models.card import CARD_NAME, export_backbone
+from xrayfm.models.runtime import autocast, resolve_precision
 from xrayfm.ssl import anatomy as _anatomy  # noqa: F401  (registers the "anatomy" method)
 from xrayfm.ssl import dino as _dino  # noqa: F401  (registers the "dino" method)
 from xrayfm.ssl.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -67,29 +68,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return rank, world, torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-
-
-def resolve_precision(requested: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for fp32. "auto": bf16 on CUDA and on a CPU with fast bf16 (AMX/AVX-512).
-
-    On the CPU, ViT attention cores stay fp32 (``AutocastAttention``), which makes bf16 pay for
-    ViTs too (measured in docs/pretrain.md).
-    """
-    cpu_bf16 = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if requested == "fp16":
-        if device.type != "cuda":
-            raise ConfigError("precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-        return torch.float16
-    if requested == "bf16":
-        if device.type == "cpu" and not cpu_bf16:
-            warnings.warn("this CPU has no fast bf16; falling back to fp32", stacklevel=2)
-            return None
-        return torch.bfloat16
-    if requested == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_bf16 else None
-    return None
 
 
 def make_optimizer(module: nn.Module, kind: str = "adamw") -> torch.optim.Optimizer:
@@ -252,7 +230,7 @@ class Trainer:
 
     def _forward(self, batch: dict[str, torch.Tensor], progress: Progress,
                  dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(self.device, dtype):
             return self.method.loss(self.student, batch, progress)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from xrayfm.models.heads import head_pool
+from xrayfm.models.runtime import module_device, resolve_device
 from xrayfm.tasks.data import LabeledImage, images_tensor, load_labeled_images, resize_item
 from xrayfm.tasks.features import backbone_features
 from xrayfm.tasks.train import load_head_bundle, predict_items, task_for_head
@@ -46,10 +47,11 @@ def pooled_features(backbone: nn.Module, items: Sequence[LabeledImage], img_size
     """Pooled embeddings ``(N, D)`` float32 of items resized to ``img_size`` (``pool``:
     ``Backbone.forward_pooled``)."""
     backbone.eval()
+    device = module_device(backbone)
     out = []
     for i in range(0, len(items), batch_size):
         chunk = [resize_item(it, img_size) for it in items[i:i + batch_size]]
-        out.append(backbone_features(backbone, images_tensor(chunk), "pooled", pool).float())
+        out.append(backbone_features(backbone, images_tensor(chunk).to(device), "pooled", pool).float().cpu())
         if progress is not None:
             progress(len(chunk))
     return torch.cat(out) if out else torch.zeros(0, getattr(backbone, "embed_dim", 0))
@@ -117,9 +119,12 @@ def _strip_lists(m: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_heads(backbone_path: str | Path, head_paths: Sequence[str | Path], items: Sequence[LabeledImage],
                    train_items: Sequence[LabeledImage] | None = None, classical: bool = False,
-                   progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Metrics of each head bundle on ``items``; ``train_items`` adds kNN/classical baselines."""
+                   progress: Callable[[int], None] | None = None, device: str = "auto") -> dict[str, Any]:
+    """Metrics of each head bundle on ``items`` (models on ``device``, :func:`resolve_device`);
+    ``train_items`` adds kNN/classical baselines."""
+    dev = resolve_device(device)
     backbone, card = _load_backbone(backbone_path)
+    backbone.to(dev)
     doc: dict[str, Any] = {
         "backbone": {"arch": card.get("arch"), "method": card.get("method"), "checkpoint": str(backbone_path)},
         "heads": {}, "n_images": len(items),
@@ -132,6 +137,7 @@ def evaluate_heads(backbone_path: str | Path, head_paths: Sequence[str | Path], 
         bb = backbone
         if hcard.get("fine_tuned_backbone"):
             bb, _ = _load_backbone(Path(hp) / hcard["fine_tuned_backbone"])
+            bb.to(dev)
         task = task_for_head(hcard)
         section = SECTION[task.name]
         if section in doc:

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from xrayfm.config import atomic_write_bytes
+from xrayfm.models.runtime import module_device
 
 KINDS = ("pooled", "dense")
 
@@ -41,10 +42,11 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.image_ids)
 
-    def batch(self, idx: torch.Tensor | np.ndarray | list[int]) -> torch.Tensor | list[torch.Tensor]:
-        """Rows ``idx`` as float32: a tensor (pooled) or a list of maps (dense)."""
+    def batch(self, idx: torch.Tensor | np.ndarray | list[int],
+              device: torch.device | str = "cpu") -> torch.Tensor | list[torch.Tensor]:
+        """Rows ``idx`` as float32 on ``device``: a tensor (pooled) or a list of maps (dense)."""
         i = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        rows = [f[i].float() for f in self.feats]
+        rows = [f[i].to(device, non_blocking=True).float() for f in self.feats]
         return rows[0] if self.kind == "pooled" else rows
 
     def save(self, path: str | Path) -> None:
@@ -83,21 +85,22 @@ def compute_features(backbone: torch.nn.Module, images: Iterable[tuple[str, torc
                      info: dict[str, Any] | None = None,
                      progress: Callable[[int], None] | None = None, pool: str = "final",
                      image: bool = False) -> FeatureCache:
-    """Run ``backbone`` (eval mode) over batches ``(ids, (B, 1, H, W) in [0,1])`` into a cache
-    (pooled caches hold the embedding ``pool``, dense ones the maps and, with ``image``, the
-    normalised input last: :func:`backbone_features`).
+    """Run ``backbone`` (eval mode, on its own device) over batches ``(ids, (B, 1, H, W) in [0,1])``
+    into a cache in CPU memory (pooled caches hold the embedding ``pool``, dense ones the maps and,
+    with ``image``, the normalised input last: :func:`backbone_features`).
 
     ``progress(n)`` is called with the number of images done in each batch.
     """
     was_training = backbone.training
     backbone.eval()
+    device = module_device(backbone)
     ids: list[str] = []
     chunks: list[list[torch.Tensor]] = []
     try:
         for batch_ids, x in images:
-            out = backbone_features(backbone, x, kind, pool, image)
+            out = backbone_features(backbone, x.to(device), kind, pool, image)
             maps = [out] if kind == "pooled" else out
-            chunks.append([m.detach().to(torch.float16) for m in maps])
+            chunks.append([m.detach().to("cpu", torch.float16) for m in maps])
             ids += list(batch_ids)
             if progress is not None:
                 progress(len(batch_ids))

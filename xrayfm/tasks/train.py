@@ -8,6 +8,10 @@
 * ``dihedral``: each item is seen under a random rotation/mirror (D4, :func:`dihedral_item`)
   every epoch; in the loop drawn after ``augment``, on the cache path from a cache holding the
   features of all 8 transforms of every image (8 backbone passes, 8x the cache memory).
+* ``device`` / ``precision``: the head (and backbone) train on the GPU when there is one; the
+  head's forward pass runs under bf16 autocast where bf16 is fast (GPU, AMX/AVX-512 CPU: about
+  1.8x faster decoder steps on a CPU thread), its loss in fp32. The cache stays in CPU memory.
+  Prediction and evaluation run in fp32.
 
 A head bundle folder holds ``head.safetensors``, ``head.json`` (head name and arguments, task,
 image size, backbone card, training config, history) and, when the backbone was fine-tuned, the
@@ -36,6 +40,7 @@ from xrayfm.models.heads import (
     head_reads_image,
     input_standardizer,
 )
+from xrayfm.models.runtime import autocast, module_device, resolve_device, resolve_precision
 from xrayfm.tasks.base import HeadTask, get_task
 from xrayfm.tasks.data import (
     DIHEDRAL_ELEMENTS,
@@ -50,6 +55,7 @@ from xrayfm.tasks.features import backbone_features, batched, compute_features
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CARD = "head.json"
+HEAD_PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -75,6 +81,8 @@ class HeadTrainConfig:
     backbone_lr_scale: float = 0.1
     label_fraction: float = 1.0      # <= 1: fraction per class; > 1: items per class
     tune_threshold: bool = True      # heads train: pick the segment/detect threshold on the val split
+    device: str = "auto"             # auto (GPU when there is one) | cpu | cuda | cuda:N
+    precision: str = "auto"          # head forward: auto (bf16 where fast) | bf16 | fp32
     seed: int = 0
 
     def validate(self) -> None:
@@ -89,6 +97,8 @@ class HeadTrainConfig:
             (self.feature_norm in POOLED_NORMS,
              f"feature_norm must be one of {', '.join(POOLED_NORMS)}, got {self.feature_norm!r}"),
             (self.pool in ("auto", *POOLINGS), f"pool must be auto or one of {', '.join(POOLINGS)}, got {self.pool!r}"),
+            (self.precision in HEAD_PRECISIONS,
+             f"precision must be one of {', '.join(HEAD_PRECISIONS)}, got {self.precision!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -148,9 +158,15 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
 
     ``progress(n)`` is called with the number of images processed (feature pass and epochs).
     ``cfg.pool`` "auto" is resolved in place to the backbone family's pooling, so the config
-    saved with the head names the embedding it reads.
+    saved with the head names the embedding it reads; ``cfg.precision`` likewise to what ran
+    (bf16 or fp32). The head and backbone are left on ``cfg.device``.
     """
     cfg.validate()
+    device = resolve_device(cfg.device)
+    # fp16 (auto on a GPU without bf16) would need loss scaling; heads are small enough for fp32 there
+    amp = resolve_precision(cfg.precision, device)
+    amp = amp if amp == torch.bfloat16 else None
+    cfg.precision = "bf16" if amp else "fp32"
     cfg.pool = backbone.resolve_pool(cfg.pool)
     task = get_task(cfg.task, cfg.num_classes)
     labelled = [it for it in items if task.has_label(it)]
@@ -164,7 +180,8 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
     head_name = cfg.head or task.default_head
     head_kwargs = head_arguments(task, cfg)
     head = create_head(head_name, backbone.embed_dim, backbone.dense_channels, backbone.dense_strides,
-                       **head_kwargs)
+                       **head_kwargs).to(device)
+    backbone.to(device)
     if head.task != task.head_task:  # type: ignore[attr-defined]
         raise ValueError(f"head {head_name!r} is for task {head.task!r}, not {task.name!r}")
     task.bind_head(head)
@@ -176,10 +193,8 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
     steps = cfg.epochs * int(np.ceil(len(labelled) / cfg.batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps,
                                                 pct_start=0.1)
-    if cfg.in_loop:
-        history = _fit_in_loop(backbone, head, task, labelled, cfg, opt, sched, rng, progress)
-    else:
-        history = _fit_on_cache(backbone, head, task, labelled, cfg, opt, sched, rng, progress)
+    fit = _fit_in_loop if cfg.in_loop else _fit_on_cache
+    history = fit(backbone, head, task, labelled, cfg, _Stepper(opt, sched, device, amp), rng, progress)
     task.finish_head(head, labelled)
     set_trainable(backbone, 0)
     backbone.eval()
@@ -187,13 +202,28 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
     return head, history
 
 
-def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any) -> float:
-    """One optimiser and learning-rate step on ``loss``; returns the loss value."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
-    return loss.item()
+@dataclass
+class _Stepper:
+    """Optimiser, schedule, device and autocast dtype of one head's training."""
+
+    opt: torch.optim.Optimizer
+    sched: Any
+    device: torch.device
+    amp: torch.dtype | None
+
+    def autocast(self) -> torch.autocast:
+        return autocast(self.device, self.amp)
+
+    def step(self, task: HeadTask, out: torch.Tensor, batch: list[LabeledImage]) -> float:
+        """Loss (fp32) of ``out`` against ``batch``'s targets, one optimiser and learning-rate step;
+        returns the loss value."""
+        targets = {k: v.to(self.device, non_blocking=True) for k, v in task.targets(batch).items()}
+        loss = task.loss(out.float(), targets)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return loss.item()
 
 
 def _view_batches(items: list[LabeledImage], views: int,
@@ -206,7 +236,7 @@ def _view_batches(items: list[LabeledImage], views: int,
 
 
 def _fit_on_cache(backbone: nn.Module, head: nn.Module, task: HeadTask, items: list[LabeledImage],
-                  cfg: HeadTrainConfig, opt: torch.optim.Optimizer, sched: Any, rng: np.random.Generator,
+                  cfg: HeadTrainConfig, stepper: _Stepper, rng: np.random.Generator,
                   progress: Callable[[int], None]) -> list[dict[str, float]]:
     """Frozen backbone once per view into a cache, then epochs of the head alone; with
     ``dihedral`` every epoch draws one of the 8 cached transforms per item (targets to match)."""
@@ -225,16 +255,17 @@ def _fit_on_cache(backbone: nn.Module, head: nn.Module, task: HeadTask, items: l
         view = torch.from_numpy(rng.integers(0, views, n)) if cfg.dihedral else torch.zeros(n, dtype=torch.long)
         for idx in torch.from_numpy(rng.permutation(n)).split(cfg.batch_size):
             ks = view[idx]
-            out = task.run_head(head, cache.batch(ks * n + idx), size)
+            with stepper.autocast():
+                out = task.run_head(head, cache.batch(ks * n + idx, stepper.device), size)
             batch = [dihedral_item(base[i], k) for i, k in zip(idx.tolist(), ks.tolist())]
-            losses.append(_step(task.loss(out, task.targets(batch)), opt, sched))
+            losses.append(stepper.step(task, out, batch))
             progress(len(idx))
         history.append({"epoch": epoch, "loss": float(np.mean(losses))})
     return history
 
 
 def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: list[LabeledImage],
-                 cfg: HeadTrainConfig, opt: torch.optim.Optimizer, sched: Any, rng: np.random.Generator,
+                 cfg: HeadTrainConfig, stepper: _Stepper, rng: np.random.Generator,
                  progress: Callable[[int], None]) -> list[dict[str, float]]:
     """Backbone every step on the (augmented, then dihedrally transformed) batch."""
     size = (cfg.img_size, cfg.img_size)
@@ -257,11 +288,12 @@ def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: li
             if cfg.dihedral:
                 ks = rng.integers(0, DIHEDRAL_ELEMENTS, len(batch)).tolist()
                 batch = [dihedral_item(it, k) for it, k in zip(batch, ks)]
-            x = images_tensor(batch)
-            with torch.set_grad_enabled(cfg.unfreeze != 0):
-                feats = backbone_features(backbone, x, task.input_kind, head_pool(head), head_reads_image(head))
-            out = task.run_head(head, feats, size)
-            losses.append(_step(task.loss(out, task.targets(batch)), opt, sched))
+            x = images_tensor(batch).to(stepper.device, non_blocking=True)
+            with stepper.autocast():
+                with torch.set_grad_enabled(cfg.unfreeze != 0):
+                    feats = backbone_features(backbone, x, task.input_kind, head_pool(head), head_reads_image(head))
+                out = task.run_head(head, feats, size)
+            losses.append(stepper.step(task, out, batch))
             progress(len(idx))
         history.append({"epoch": epoch, "loss": float(np.mean(losses))})
     return history
@@ -276,11 +308,13 @@ def predict_items(backbone: nn.Module, head: nn.Module, task: HeadTask, items: S
     predict = task.predict_soft if soft else task.predict
     backbone.eval()
     head.eval()
+    device = module_device(backbone)
+    head.to(device)
     size = (img_size, img_size)
     preds: list[Any] = []
     for i in range(0, len(items), batch_size):
         chunk = list(items[i:i + batch_size])
-        x = images_tensor([resize_item(it, *size) for it in chunk])
+        x = images_tensor([resize_item(it, *size) for it in chunk]).to(device)
         out = task.run_head(head, backbone_features(backbone, x, task.input_kind, head_pool(head),
                                                     head_reads_image(head)), size)
         preds += predict(out, chunk, size)
