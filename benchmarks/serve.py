@@ -59,6 +59,7 @@ def build_bundle(root: Path, arch: str, size: int) -> Path:
     for name in ("classify", "segment", "detect"):
         task = get_task(name)
         cfg = HeadTrainConfig(task=name, img_size=size)
+        cfg.pool = bb.resolve_pool(cfg.pool)  # as train_head does
         kw = head_arguments(task, cfg)
         head = create_head(task.default_head, bb.embed_dim, bb.dense_channels, bb.dense_strides, **kw)
         heads.append(save_head_bundle(root / name, head, cfg, bb, card, [], kw))
