@@ -46,9 +46,11 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
         card = json.loads((world / task / "head.json").read_text())
         assert card["task"] == task and card["backbone"]["arch"] == "resnet18"
         assert card["train_config"]["dihedral"] is bool(dihedral)
-        fast = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # precision "auto" is saved as what ran
+        # precision "auto" is saved as what ran: bf16 for the detector where the CPU has fast bf16,
+        # fp32 for the pooled region head on the cache (and for segment, asked for fp32)
+        fast = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         assert (card["train_config"]["device"], card["train_config"]["precision"]) == \
-            (("cpu", "fp32") if task == "segment" else ("auto", "bf16" if fast else "fp32"))
+            {"segment": ("cpu", "fp32"), "classify": ("auto", "fp32")}.get(task, ("auto", "bf16" if fast else "fp32"))
         ran_on = json.loads((world / task / "run.json").read_text())["device"]
         assert ran_on.split(":")[0] == resolve_device(card["train_config"]["device"]).type
         assert card["head_kwargs"].get("out_stride", 4) == {"detect": 2, "segment": 1}.get(task, 4)

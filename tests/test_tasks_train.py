@@ -93,7 +93,8 @@ def test_fine_segmentation_head_learns_and_round_trips(stride: int, image_skip: 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_head_precision_autocasts_training_only(precision: str) -> None:
     """``precision`` bf16 runs the head's convolutions in bf16 while it trains (where the CPU has
-    fast bf16), fp32 never; the weights stay fp32 and prediction runs in fp32. Both learn the rods."""
+    fast bf16; the projections of the frozen maps and the logits layer stay fp32), fp32 never; the weights stay fp32 and prediction runs
+    in fp32. Both learn the rods."""
     from xrayfm.models.runtime import resolve_precision
 
     bb = _resnet(96)
@@ -114,13 +115,20 @@ def test_head_precision_autocasts_training_only(precision: str) -> None:
         m = task.metrics(predict_items(bb, head, task, test, 96), test)
     finally:
         handle.remove()
-    in_head = {id(c) for c in head.modules()}
+    # the projections of the frozen maps and the logits layer stay fp32 under autocast
+    kept_fp32 = {id(c) for c in head.decoder.lateral.modules()} | {id(head.classifier)}
+    in_head = {id(c) for c in head.modules()} - kept_fp32
     fast = resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
     expected = torch.bfloat16 if precision == "bf16" and fast else torch.float32
     assert {dt for i, dt in trained if i in in_head} == {expected}
-    assert {dt for i, dt in trained if i not in in_head} == {torch.float32}  # the backbone's cache pass
+    assert {dt for i, dt in trained if i in kept_fp32} == {torch.float32}
+    assert {dt for i, dt in trained if i not in in_head | kept_fp32} == {torch.float32}  # the backbone's cache pass
     assert {dt for _, dt in seen} == {torch.float32}  # prediction, backbone and head
     assert all(p.dtype == torch.float32 for p in head.parameters())
+    assert cfg.precision == ("bf16" if precision == "bf16" and fast else "fp32")  # saved as what ran
+    pooled = HeadTrainConfig(task="classify", img_size=96, epochs=1, precision=precision)
+    train_head(bb, [rod_item(i, size=96, n_max=0) for i in range(4)], pooled)
+    assert pooled.precision == "fp32"  # a pooled head on the cache gains nothing from bf16
     # Dice on the rod images, measured: fp32 0.754, bf16 0.768 (training 4.6 s vs 2.8 s)
     assert m["dice_positive_mean"] > 0.6 and m["n_positive"] >= 8
 

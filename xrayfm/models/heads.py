@@ -252,7 +252,10 @@ class ProgressiveDecoder(nn.Module):
             raise ValueError(f"decoder built for {len(self.lateral)} dense maps{extra}, got {len(feats)} inputs")
         by_stride: dict[int, Tensor] = {}
         for s, f, proj in zip(self.strides, feats, self.lateral):
-            y = proj(f.float())
+            # fp32 even under autocast: frozen features rounded to bf16 (8-bit mantissa) cost the
+            # metal head a point of Dice; these 1x1 projections are a small part of the work
+            with torch.autocast(f.device.type, enabled=False):
+                y = proj(f.float())
             by_stride[s] = by_stride[s] + y if s in by_stride else y
         skip = self.image_stem(feats[-1].float()) if self.image_skip else None
         x = by_stride[max(self.strides)]
@@ -291,11 +294,15 @@ class SegmentationHead(nn.Module):
         self.classifier = nn.Conv2d(self.decoder.out_channels, num_classes, 1)
 
     def forward(self, feats: Sequence[Tensor], size: tuple[int, int] | None = None) -> Tensor:
-        y = self.classifier(self.decoder(feats))
-        if size is None:
-            s = self.decoder.out_stride
-            size = (y.shape[-2] * s, y.shape[-1] * s)
-        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        x = self.decoder(feats)
+        # logits and their upsampling in fp32 under autocast too (one channel: cheap), so the
+        # loss and the probability maps see no bf16 rounding
+        with torch.autocast(x.device.type, enabled=False):
+            y = self.classifier(x.float())
+            if size is None:
+                s = self.decoder.out_stride
+                size = (y.shape[-2] * s, y.shape[-1] * s)
+            return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
 
 
 class KeypointHead(nn.Module):

@@ -159,16 +159,19 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
     ``progress(n)`` is called with the number of images processed (feature pass and epochs).
     ``cfg.pool`` "auto" is resolved in place to the backbone family's pooling, so the config
     saved with the head names the embedding it reads; ``cfg.precision`` likewise to what ran
-    (bf16 or fp32). The head and backbone are left on ``cfg.device``.
+    (bf16 or fp32: pooled heads on the cache always run fp32). The head and backbone are left on
+    ``cfg.device``.
     """
     cfg.validate()
     device = resolve_device(cfg.device)
-    # fp16 (auto on a GPU without bf16) would need loss scaling; heads are small enough for fp32 there
+    task = get_task(cfg.task, cfg.num_classes)
     amp = resolve_precision(cfg.precision, device)
-    amp = amp if amp == torch.bfloat16 else None
+    # fp16 (auto on a GPU without bf16) would need loss scaling, and a pooled head on cached
+    # features is a few small matrix products that bf16 would only round: both stay fp32
+    if amp != torch.bfloat16 or (task.input_kind == "pooled" and not cfg.in_loop):
+        amp = None
     cfg.precision = "bf16" if amp else "fp32"
     cfg.pool = backbone.resolve_pool(cfg.pool)
-    task = get_task(cfg.task, cfg.num_classes)
     labelled = [it for it in items if task.has_label(it)]
     if not labelled:
         raise ValueError(f"no training images carry a {cfg.task} label; check the labels file and the split")
@@ -194,7 +197,7 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=steps,
                                                 pct_start=0.1)
     fit = _fit_in_loop if cfg.in_loop else _fit_on_cache
-    history = fit(backbone, head, task, labelled, cfg, _Stepper(opt, sched, device, amp), rng, progress)
+    history = fit(backbone, head, task, labelled, cfg, HeadStepper(opt, sched, device, amp), rng, progress)
     task.finish_head(head, labelled)
     set_trainable(backbone, 0)
     backbone.eval()
@@ -203,7 +206,7 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
 
 
 @dataclass
-class _Stepper:
+class HeadStepper:
     """Optimiser, schedule, device and autocast dtype of one head's training."""
 
     opt: torch.optim.Optimizer
@@ -236,7 +239,7 @@ def _view_batches(items: list[LabeledImage], views: int,
 
 
 def _fit_on_cache(backbone: nn.Module, head: nn.Module, task: HeadTask, items: list[LabeledImage],
-                  cfg: HeadTrainConfig, stepper: _Stepper, rng: np.random.Generator,
+                  cfg: HeadTrainConfig, stepper: HeadStepper, rng: np.random.Generator,
                   progress: Callable[[int], None]) -> list[dict[str, float]]:
     """Frozen backbone once per view into a cache, then epochs of the head alone; with
     ``dihedral`` every epoch draws one of the 8 cached transforms per item (targets to match)."""
@@ -265,7 +268,7 @@ def _fit_on_cache(backbone: nn.Module, head: nn.Module, task: HeadTask, items: l
 
 
 def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: list[LabeledImage],
-                 cfg: HeadTrainConfig, stepper: _Stepper, rng: np.random.Generator,
+                 cfg: HeadTrainConfig, stepper: HeadStepper, rng: np.random.Generator,
                  progress: Callable[[int], None]) -> list[dict[str, float]]:
     """Backbone every step on the (augmented, then dihedrally transformed) batch."""
     size = (cfg.img_size, cfg.img_size)
