@@ -33,9 +33,10 @@ from common import backbone_from_spec
 from xrayfm.config import atomic_write_text, versions
 from xrayfm.models.backbones import POOLINGS
 from xrayfm.models.heads import POOLED_NORMS
+from xrayfm.models.runtime import AUTOCAST_PRECISIONS
 from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import label_subset, load_labeled_images
-from xrayfm.tasks.train import HEAD_PRECISIONS, HeadTrainConfig, predict_items, train_head
+from xrayfm.tasks.train import HeadTrainConfig, predict_items, train_head
 
 RESULTS = Path(__file__).resolve().parent / "results" / "label_efficiency.json"
 KEYS = {"classify": ("accuracy", "recall_macro", "top3_accuracy"),
@@ -77,7 +78,7 @@ def main() -> None:
                     help="segment/detect heads' output stride (HeadTrainConfig.out_stride)")
     ap.add_argument("--image-skip", action="store_true",
                     help="segment/detect heads also read the input image (HeadTrainConfig.image_skip)")
-    ap.add_argument("--precision", default="auto", choices=HEAD_PRECISIONS,
+    ap.add_argument("--precision", default="auto", choices=AUTOCAST_PRECISIONS,
                     help="heads' forward pass (HeadTrainConfig.precision; auto = bf16 on an AMX/AVX-512 CPU)")
     ap.add_argument("--tune", action="store_true",
                     help="also report segment/detect test metrics at the threshold tuned on the val split")

@@ -178,5 +178,5 @@ def test_bf16_bundle_runs_autocast_and_agrees_with_fp32(bundle_dir: Path) -> Non
         diff = np.abs(ra["metal_probability"] - rb["metal_probability"])
         assert diff.max() < 0.1 and diff.mean() < 0.01
         assert np.corrcoef(ra["embedding"], rb["embedding"])[0, 1] > 0.99
-    with pytest.raises(ValueError, match="precision must be auto, bf16 or fp32"):
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
         ModelBundle.load(bundle_dir, precision="fp16")

@@ -226,4 +226,4 @@ def test_predict_bf16_agrees_with_fp32(tmp_path: Path, bundle_dir: Path, capsys:
     assert docs["fp32"]["top3"][0]["region"] == docs["bf16"]["top3"][0]["region"]
     code, text = _run(capsys, "predict", str(rg3), "--model", str(bundle_dir), "--out", str(tmp_path / "x"),
                       "--precision", "fp8")
-    assert code == 2 and "precision must be auto, bf16 or fp32" in text
+    assert code == 2 and "precision must be one of auto, bf16, fp32, got 'fp8'" in text

@@ -206,12 +206,12 @@ class ModelBundle:
         """Load a bundle folder written by :meth:`create` in eval mode on ``device`` ("cpu", "cuda",
         "auto"); ``precision`` "bf16" (or "auto": bf16 where it is fast) runs the forward pass
         under bf16 autocast, fp32 (the default) exactly as evaluated."""
-        from xrayfm.models.runtime import resolve_device, resolve_precision
+        from xrayfm.models.runtime import AUTOCAST_PRECISIONS, resolve_device, resolve_precision
         from xrayfm.tasks.train import load_head_bundle
 
         dev = resolve_device(device)
-        if precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+        if precision not in AUTOCAST_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(AUTOCAST_PRECISIONS)}, got {precision!r}")
         amp = resolve_precision(precision, dev)
 
         p = Path(path)

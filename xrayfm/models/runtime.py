@@ -10,6 +10,8 @@ from torch import nn
 from xrayfm.config import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# what heads and bundles offer: fp16 would need loss scaling (training) and a GPU
+AUTOCAST_PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolve_device(requested: str) -> torch.device:

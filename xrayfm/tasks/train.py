@@ -40,7 +40,13 @@ from xrayfm.models.heads import (
     head_reads_image,
     input_standardizer,
 )
-from xrayfm.models.runtime import autocast, module_device, resolve_device, resolve_precision
+from xrayfm.models.runtime import (
+    AUTOCAST_PRECISIONS,
+    autocast,
+    module_device,
+    resolve_device,
+    resolve_precision,
+)
 from xrayfm.tasks.base import HeadTask, get_task
 from xrayfm.tasks.data import (
     DIHEDRAL_ELEMENTS,
@@ -55,7 +61,6 @@ from xrayfm.tasks.features import backbone_features, batched, compute_features
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CARD = "head.json"
-HEAD_PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -97,8 +102,8 @@ class HeadTrainConfig:
             (self.feature_norm in POOLED_NORMS,
              f"feature_norm must be one of {', '.join(POOLED_NORMS)}, got {self.feature_norm!r}"),
             (self.pool in ("auto", *POOLINGS), f"pool must be auto or one of {', '.join(POOLINGS)}, got {self.pool!r}"),
-            (self.precision in HEAD_PRECISIONS,
-             f"precision must be one of {', '.join(HEAD_PRECISIONS)}, got {self.precision!r}"),
+            (self.precision in AUTOCAST_PRECISIONS,
+             f"precision must be one of {', '.join(AUTOCAST_PRECISIONS)}, got {self.precision!r}"),
         ]
         for ok, msg in checks:
             if not ok:
