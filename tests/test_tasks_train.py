@@ -51,7 +51,8 @@ def test_segmentation_head_learns_painted_metal(tmp_path) -> None:
     bb = _resnet(96)
     train = [rod_item(i, size=96) for i in range(48)]
     test = [rod_item(1000 + i, size=96, split="test") for i in range(16)]
-    cfg = HeadTrainConfig(task="segment", img_size=96, epochs=20, batch_size=16, lr=1e-2)
+    cfg = HeadTrainConfig(task="segment", img_size=96, epochs=20, batch_size=16, lr=1e-2, out_stride=4,
+                          image_skip=False)
     head, history = train_head(bb, train, cfg)
     assert history[-1]["loss"] < history[0]["loss"]
     task = get_task("segment")
@@ -106,7 +107,8 @@ def test_head_precision_autocasts_training_only(precision: str) -> None:
         if isinstance(module, torch.nn.Conv2d):
             seen.append((id(module), out.dtype))
 
-    cfg = HeadTrainConfig(task="segment", img_size=96, epochs=20, batch_size=16, lr=1e-2, precision=precision)
+    cfg = HeadTrainConfig(task="segment", img_size=96, epochs=20, batch_size=16, lr=1e-2, precision=precision,
+                          out_stride=4, image_skip=False)
     handle = torch.nn.modules.module.register_module_forward_hook(record)
     try:
         head, _ = train_head(bb, train, cfg)
@@ -428,6 +430,22 @@ def test_dihedral_cache_path_holds_8_views_and_trains(monkeypatch: pytest.Monkey
             ref = bb.forward_dense(images_tensor([dihedral_item(items[i], k)]))
             for got, want in zip(real_batch(cache, [k * 16 + i]), ref):
                 torch.testing.assert_close(got, want, atol=2e-2, rtol=1e-2)
+
+
+def test_dense_heads_take_their_tasks_grid_unless_told() -> None:
+    """``out_stride``/``image_skip`` left at None: metal masks at stride 2 reading the image, screws
+    and vertebrae at stride 4 without it; given values win; ``train_head`` saves what it built."""
+    expected = {"segment": (2, True), "detect": (4, False), "segment_vertebrae": (4, False)}
+    for name, (stride, skip) in expected.items():
+        kw = head_arguments(get_task(name), HeadTrainConfig(task=name))
+        assert (kw["out_stride"], kw["image_skip"]) == (stride, skip)
+        kw = head_arguments(get_task(name), HeadTrainConfig(task=name, out_stride=1, image_skip=not skip))
+        assert (kw["out_stride"], kw["image_skip"]) == (1, not skip)
+    assert "out_stride" not in head_arguments(get_task("classify"), HeadTrainConfig())
+    cfg = HeadTrainConfig(task="segment", img_size=64, epochs=1, batch_size=8)
+    head, _ = train_head(_resnet(64), [rod_item(i, size=64) for i in range(8)], cfg)
+    assert (cfg.out_stride, cfg.image_skip) == (2, True)
+    assert head.decoder.out_stride == 2 and head.image_skip
 
 
 def test_bad_config_messages() -> None:

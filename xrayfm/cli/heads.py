@@ -102,11 +102,12 @@ def train_cmd(
     pool: Annotated[str | None, _Opt(help="Pooled heads' embedding: 'final' (the backbone's own), 'multilevel' "
                                      "(average of every dense level) or 'auto' (multilevel for ResNets, "
                                      "final for ViTs) [auto].")] = None,
-    out_stride: Annotated[int | None, _Opt(help="Segment/detect heads' output stride: 4, or 2 / 1 for thin "
-                                           "metal and screws whose ends lie a few px apart [4].")] = None,
+    out_stride: Annotated[int | None, _Opt(help="Segment/detect heads' output stride 4, 2 or 1 (finer: thin "
+                                           "metal, screws whose ends lie a few px apart) [segment 2, "
+                                           "detect and segment_vertebrae 4].")] = None,
     image_skip: Annotated[bool | None, _Opt("--image-skip/--no-image-skip", help="Segment/detect heads also "
                                             "read the input image at their output stride (thin metal "
-                                            "edges); default off.")] = None,
+                                            "edges); default on for segment, off for the others.")] = None,
     tune_threshold: Annotated[bool | None, _Opt("--tune-threshold/--no-tune-threshold",
                                                 help="Choose the mask probability (segment) or screw score "
                                                 "(detect) threshold that maximises val Dice / F1; default on.")] = None,

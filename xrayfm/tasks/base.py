@@ -19,6 +19,8 @@ class HeadTask:
     name: str = ""
     default_head: str = ""
     input_kind: str = "dense"
+    default_out_stride: int = 4       # dense heads: output stride and whether they read the image,
+    default_image_skip: bool = False  # when the training config leaves them at None
 
     def __init__(self, num_classes: int | None = None) -> None:
         self.num_classes = num_classes

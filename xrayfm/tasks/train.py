@@ -73,8 +73,8 @@ class HeadTrainConfig:
     head_width: int = 64             # channels of the dense heads' decoder
     feature_norm: str = "standardize"  # pooled heads' input: train-set "standardize" or per-item "layernorm"
     pool: str = "auto"               # pooled heads' embedding: "final", "multilevel", "auto" (per family)
-    out_stride: int = 4              # dense heads' output stride: 4, or 2 / 1 for thin metal, crowded screws
-    image_skip: bool = False         # dense heads also read the input image at out_stride (thin metal edges)
+    out_stride: int | None = None    # dense heads' output stride 4, 2 or 1; None: the task's (metal 2, else 4)
+    image_skip: bool | None = None   # dense heads also read the input image; None: the task's (metal yes)
     img_size: int = 224
     epochs: int = 30
     batch_size: int = 32
@@ -98,7 +98,7 @@ class HeadTrainConfig:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.unfreeze >= -1, f"unfreeze must be >= 0 blocks, or -1 for all, got {self.unfreeze}"),
             (self.label_fraction > 0, f"label_fraction must be > 0, got {self.label_fraction}"),
-            (self.out_stride in (1, 2, 4), f"out_stride must be 1, 2 or 4, got {self.out_stride}"),
+            (self.out_stride in (None, 1, 2, 4), f"out_stride must be 1, 2 or 4, got {self.out_stride}"),
             (self.feature_norm in POOLED_NORMS,
              f"feature_norm must be one of {', '.join(POOLED_NORMS)}, got {self.feature_norm!r}"),
             (self.pool in ("auto", *POOLINGS), f"pool must be auto or one of {', '.join(POOLINGS)}, got {self.pool!r}"),
@@ -146,8 +146,11 @@ def set_trainable(backbone: nn.Module, unfreeze: int) -> list[nn.Parameter]:
 
 
 def head_arguments(task: HeadTask, cfg: HeadTrainConfig) -> dict[str, Any]:
-    """Keyword arguments the head of ``task`` is built with (saved in the head bundle)."""
-    dense = {"width": cfg.head_width, "out_stride": cfg.out_stride, "image_skip": cfg.image_skip}
+    """Keyword arguments the head of ``task`` is built with (saved in the head bundle); dense heads
+    take ``cfg.out_stride``/``cfg.image_skip``, or the task's defaults where they are None."""
+    dense = {"width": cfg.head_width,
+             "out_stride": task.default_out_stride if cfg.out_stride is None else cfg.out_stride,
+             "image_skip": task.default_image_skip if cfg.image_skip is None else cfg.image_skip}
     return task.head_kwargs() | (dense if task.input_kind == "dense"
                                  else {"feature_norm": cfg.feature_norm, "pool": cfg.pool})
 
@@ -164,7 +167,8 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
     ``progress(n)`` is called with the number of images processed (feature pass and epochs).
     ``cfg.pool`` "auto" is resolved in place to the backbone family's pooling, so the config
     saved with the head names the embedding it reads; ``cfg.precision`` likewise to what ran
-    (bf16 or fp32: pooled heads on the cache always run fp32). The head and backbone are left on
+    (bf16 or fp32: pooled heads on the cache always run fp32), and a dense head's ``out_stride`` /
+    ``image_skip`` left at None to the task's defaults. The head and backbone are left on
     ``cfg.device``.
     """
     cfg.validate()
@@ -187,6 +191,8 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
     rng = np.random.default_rng(cfg.seed)
     head_name = cfg.head or task.default_head
     head_kwargs = head_arguments(task, cfg)
+    if task.input_kind == "dense":  # the saved config names the grid and input the head has
+        cfg.out_stride, cfg.image_skip = head_kwargs["out_stride"], head_kwargs["image_skip"]
     head = create_head(head_name, backbone.embed_dim, backbone.dense_channels, backbone.dense_strides,
                        **head_kwargs).to(device)
     backbone.to(device)
