@@ -75,9 +75,11 @@ def main() -> None:
     ap.add_argument("--pool", default="auto", choices=("auto", *POOLINGS),
                     help="the region head's pooled embedding (HeadTrainConfig.pool)")
     ap.add_argument("--out-stride", type=int, default=4, choices=(1, 2, 4),
-                    help="segment/detect heads' output stride (HeadTrainConfig.out_stride)")
+                    help="segment/detect heads' output stride (HeadTrainConfig.out_stride); 4 here for "
+                         "comparison with the earlier results, while `heads train` gives the metal head 2")
     ap.add_argument("--image-skip", action="store_true",
-                    help="segment/detect heads also read the input image (HeadTrainConfig.image_skip)")
+                    help="segment/detect heads also read the input image (HeadTrainConfig.image_skip; off "
+                         "here unless given, on by default for the metal head of `heads train`)")
     ap.add_argument("--precision", default="auto", choices=AUTOCAST_PRECISIONS,
                     help="heads' forward pass (HeadTrainConfig.precision; auto = bf16 on an AMX/AVX-512 CPU)")
     ap.add_argument("--tune", action="store_true",
