@@ -3,8 +3,9 @@
 Times one optimiser step of each head the way ``train_head`` runs it (``HeadStepper``: the head's
 forward under autocast, the task's loss in fp32, AdamW), for
 
-* the dense heads on the feature cache: metal mask at stride 4, 2 and 1 + image skip, screw
-  keypoints at stride 4 (ResNet-18 maps of the batch, computed once in fp32 as the cache is);
+* the dense heads on the feature cache: metal mask at stride 4, 2, 2 + image skip and 1 + image
+  skip, screw keypoints at stride 4 without and with the image (ResNet-18 maps of the batch,
+  computed once in fp32 as the cache is);
 * fine-tuning (``unfreeze -1``, the backbone in the loop): ResNet-18 and ViT-tiny with the region
   head.
 
@@ -129,7 +130,8 @@ def main() -> None:
     with torch.no_grad():
         maps = backbone_features(bb, images_tensor(batch), "dense", image=True)
     rows = []
-    cases = [("segment", 4, False), ("segment", 2, False), ("segment", 1, True), ("detect", 4, False)]
+    cases = [("segment", 4, False), ("segment", 2, False), ("segment", 2, True), ("segment", 1, True),
+             ("detect", 4, False), ("detect", 4, True)]
     for name, stride, skip in cases:
         task = get_task(name)
         cfg = HeadTrainConfig(task=name, img_size=args.size, out_stride=stride, image_skip=skip)
