@@ -46,7 +46,7 @@ class SegmentTask(HeadTask):
     default_head = "seg_decoder"
     input_kind = "dense"
     # thin metal: stride 2 reading the input image, +6.6 points of Dice on metal images over
-    # stride 4 for 2-3x the head's training time (docs/heads.md "Fine metal masks")
+    # stride 4 for about 4x the head's step time (docs/heads.md "Fine metal masks")
     default_out_stride = 2
     default_image_skip = True
     TUNE_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1 ... 0.9
