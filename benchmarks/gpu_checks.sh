@@ -33,12 +33,13 @@ PY
 timeout 150 python3 benchmarks/pretrain.py --archs vit_small_patch16,resnet50 --precisions bf16 --compile \
   --no-memory --no-peer --rounds 10 --out "$OUT/pretrain_gpu_compile.json" 2>&1 | grep -v Warning \
   | tee "$OUT/compile.log"
+timed() { local label=$1 t0=$SECONDS rc; shift; "$@"; rc=$?; echo "$label: $((SECONDS - t0)) s (exit $rc)"; }
 if [ -n "$LABELS" ]; then
   { for t in segment detect; do
-      /usr/bin/time -f "heads train $t: %e s" timeout 120 python3 -m xrayfm heads train --backbone "$RUNS/straight" \
+      timed "heads train $t" timeout 120 python3 -m xrayfm heads train --backbone "$RUNS/straight" \
         --task "$t" --lake "$LAKE" --labels "$LABELS" --img-size 128 --epochs 10 --out "$RUNS/head_$t"
     done
-    /usr/bin/time -f "evaluate: %e s" timeout 120 python3 -m xrayfm evaluate --backbone "$RUNS/straight" \
+    timed evaluate timeout 120 python3 -m xrayfm evaluate --backbone "$RUNS/straight" \
       --heads "$RUNS/head_segment" --heads "$RUNS/head_detect" --lake "$LAKE" --labels "$LABELS" --knn \
       --out "$OUT/heads_gpu_metrics.json"
     grep -h -E '"device"|precision' "$RUNS/head_segment/run.json" "$RUNS/head_segment/config.yaml"
