@@ -251,7 +251,7 @@ def test_pooled_embeddings(arch: str) -> None:
 
 def test_runtime_device_and_precision() -> None:
     from xrayfm.config import ConfigError
-    from xrayfm.models.runtime import module_device, resolve_device, resolve_precision
+    from xrayfm.models.runtime import module_device, resolve_bf16, resolve_device, resolve_precision
 
     cpu = torch.device("cpu")
     assert resolve_device("auto") == (torch.device("cuda") if torch.cuda.is_available() else cpu)
@@ -268,3 +268,6 @@ def test_runtime_device_and_precision() -> None:
         resolve_precision("int8", cpu)
     fast = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert resolve_precision("auto", cpu) == (torch.bfloat16 if fast else None)
+    assert resolve_bf16("fp32", cpu) is None and resolve_bf16("auto", cpu) == (torch.bfloat16 if fast else None)
+    with pytest.raises(ConfigError, match="precision must be one of auto, bf16, fp32, got 'fp16'"):
+        resolve_bf16("fp16", cpu)

@@ -206,13 +206,11 @@ class ModelBundle:
         """Load a bundle folder written by :meth:`create` in eval mode on ``device`` ("cpu", "cuda",
         "auto"); ``precision`` "bf16" (or "auto": bf16 where it is fast) runs the forward pass
         under bf16 autocast, fp32 (the default) exactly as evaluated."""
-        from xrayfm.models.runtime import AUTOCAST_PRECISIONS, resolve_device, resolve_precision
+        from xrayfm.models.runtime import resolve_bf16, resolve_device
         from xrayfm.tasks.train import load_head_bundle
 
         dev = resolve_device(device)
-        if precision not in AUTOCAST_PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(AUTOCAST_PRECISIONS)}, got {precision!r}")
-        amp = resolve_precision(precision, dev)
+        amp = resolve_bf16(precision, dev)
 
         p = Path(path)
         card_path = p / BUNDLE_CARD
@@ -239,7 +237,7 @@ class ModelBundle:
             list(card.get("class_names") or []),
             dict(card.get("options") or {}),
             str(dev),
-            "bf16" if amp == torch.bfloat16 else "fp32",
+            "bf16" if amp else "fp32",
         )
 
     # ------------------------------------------------------------------ inference

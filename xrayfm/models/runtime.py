@@ -55,6 +55,15 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def resolve_bf16(requested: str, device: torch.device) -> torch.dtype | None:
+    """bf16 or None (fp32) for one of :data:`AUTOCAST_PRECISIONS`: what heads and bundles run in.
+    "auto" on a GPU without bf16 gives fp32, not fp16 (which would need loss scaling)."""
+    if requested not in AUTOCAST_PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(AUTOCAST_PRECISIONS)}, got {requested!r}")
+    amp = resolve_precision(requested, device)
+    return amp if amp == torch.bfloat16 else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
     """``torch.autocast`` to ``dtype`` on ``device``'s type; a no-op context when ``dtype`` is None."""
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)

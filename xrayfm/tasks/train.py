@@ -44,8 +44,8 @@ from xrayfm.models.runtime import (
     AUTOCAST_PRECISIONS,
     autocast,
     module_device,
+    resolve_bf16,
     resolve_device,
-    resolve_precision,
 )
 from xrayfm.tasks.base import HeadTask, get_task
 from xrayfm.tasks.data import (
@@ -174,11 +174,8 @@ def train_head(backbone: nn.Module, items: Sequence[LabeledImage], cfg: HeadTrai
     cfg.validate()
     device = resolve_device(cfg.device)
     task = get_task(cfg.task, cfg.num_classes)
-    amp = resolve_precision(cfg.precision, device)
-    # fp16 (auto on a GPU without bf16) would need loss scaling, and a pooled head on cached
-    # features is a few small matrix products that bf16 would only round: both stay fp32
-    if amp != torch.bfloat16 or (task.input_kind == "pooled" and not cfg.in_loop):
-        amp = None
+    # a pooled head on cached features is a few small matrix products that bf16 would only round
+    amp = None if task.input_kind == "pooled" and not cfg.in_loop else resolve_bf16(cfg.precision, device)
     cfg.precision = "bf16" if amp else "fp32"
     cfg.pool = backbone.resolve_pool(cfg.pool)
     labelled = [it for it in items if task.has_label(it)]
