@@ -397,5 +397,10 @@ def load_head_bundle(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         head = create_head(card["head"], card["embed_dim"], card["dense_channels"], card["dense_strides"], **kwargs)
     except KeyError as exc:
         raise ValueError(f"{card_path} lacks the key {exc}; re-train the head") from exc
-    head.load_state_dict(state, strict=True)
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:200]  # torch lists the keys over several lines
+        raise ValueError(f"{weights} does not fit the head its card describes ({detail}); it was saved by "
+                         "another xrayfm version: re-train the head with `xrayfm heads train`") from exc
     return head.eval(), card
