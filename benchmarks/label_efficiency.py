@@ -124,8 +124,9 @@ def main() -> None:
                 if args.tune and task.threshold is not None:  # as `heads train`: threshold chosen on val
                     op = task.tune_threshold(predict_items(bb, head, task, val, args.img_size, soft=True), val)
                     if op is not None:
-                        task.threshold = op["threshold"]
-                        row["tuned"] = {"threshold": round(op["threshold"], 4), "val_" + op["criterion"]: round(op["value"], 4),
+                        task.apply_operating_point(op)
+                        row["tuned"] = {**{k: round(v, 4) for k, v in task.operating_point().items()},
+                                        "val_" + op["criterion"]: round(op["value"], 4),
                                         **_rounded(task.metrics(task.decide(soft), test), task_name)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)

@@ -113,14 +113,25 @@ def test_bundle_takes_the_heads_tuned_thresholds(tmp_path: Path, bundle_dir: Pat
     heads = {t: tmp_path / t for t in ("segment", "detect")}
     for t, p in heads.items():
         shutil.copytree(bundle_dir / "heads" / t, p)
-    record_operating_point(heads["segment"], {"threshold": 0.35, "criterion": "dice_mean", "split": "val"})
+    record_operating_point(heads["segment"], {"threshold": 0.35, "min_area": 0.02, "criterion": "dice_mean",
+                                              "split": "val"})
     record_operating_point(heads["detect"], {"threshold": 0.42, "criterion": "f1", "split": "val"})
     tuned = ModelBundle.load(ModelBundle.create(bundle_dir, list(heads.values()), tmp_path / "tuned"))
-    assert tuned.options == {"detect_threshold": 0.42, "mask_threshold": 0.35}
-    given = ModelBundle.create(bundle_dir, list(heads.values()), tmp_path / "given", detect_threshold=0.6)
-    assert ModelBundle.load(given).options == {"detect_threshold": 0.6, "mask_threshold": 0.35}
+    assert tuned.options == {"detect_threshold": 0.42, "mask_threshold": 0.35, "mask_min_area": 0.02}
+    given = ModelBundle.create(bundle_dir, list(heads.values()), tmp_path / "given", detect_threshold=0.6,
+                               mask_min_area=0.0)
+    assert ModelBundle.load(given).options == {"detect_threshold": 0.6, "mask_threshold": 0.35, "mask_min_area": 0.0}
     untuned = ModelBundle.create(bundle_dir, [bundle_dir / "heads" / "segment"], tmp_path / "untuned")
-    assert ModelBundle.load(untuned).options == {"detect_threshold": 0.3, "mask_threshold": 0.5}
+    assert ModelBundle.load(untuned).options == {"detect_threshold": 0.3, "mask_threshold": 0.5, "mask_min_area": 0.0}
+    # the served mask is the probability map at the threshold without components under 2 % of the image
+    from xrayfm.tasks.segment import binary_mask
+
+    image = real_image("RG3_UNCR.dcm", 80)
+    r_tuned, r_given = tuned.predict([image])[0], ModelBundle.load(given).predict([image])[0]
+    np.testing.assert_array_equal(r_tuned["metal_mask"], binary_mask(r_tuned["metal_probability"], 0.35, 0.02))
+    np.testing.assert_array_equal(r_given["metal_mask"], r_given["metal_probability"] > 0.35)
+    with pytest.raises(ValueError, match="mask_min_area is a fraction of the image area"):
+        ModelBundle.create(bundle_dir, list(heads.values()), tmp_path / "bad", mask_min_area=5.0)
 
 
 def test_image_skip_segment_head_in_training_and_in_the_bundle(bundle_dir: Path) -> None:

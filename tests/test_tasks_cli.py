@@ -13,6 +13,7 @@ from synth_world import heads_world
 from xrayfm.cli import main
 from xrayfm.lake import read_rows
 from xrayfm.models.runtime import resolve_device
+from xrayfm.tasks.base import get_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,12 +55,13 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
         ran_on = json.loads((world / task / "run.json").read_text())["device"]
         assert ran_on.split(":")[0] == resolve_device(card["train_config"]["device"]).type
         assert card["head_kwargs"].get("out_stride", 4) == {"detect": 2, "segment": 1}.get(task, 4)
-        assert card["head_kwargs"].get("image_skip", False) is (task == "segment")
+        assert card["head_kwargs"].get("image_skip", False) is (task in ("segment", "detect"))
         assert ("dihedral: true" in (world / task / "config.yaml").read_text()) is bool(dihedral)
         assert (world / task / "config.yaml").is_file() and (world / task / "metrics_val.json").is_file()
         if task == "segment":  # the mask threshold is chosen on the val split and kept in the card
             assert card["operating_point"]["split"] == "val" and card["operating_point"]["criterion"] == "dice_mean"
-            assert 0.1 <= card["operating_point"]["threshold"] <= 0.9
+            assert 0.1 <= card["operating_point"]["threshold"] <= 0.95
+            assert card["operating_point"]["min_area"] in get_task("segment").MIN_AREA_GRID
         if task == "classify":
             assert "operating_point" not in card
         n_train = json.loads((world / task / "run.json").read_text())["n_train"]
@@ -80,6 +82,7 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
     assert 0.0 <= doc["segmentation"]["dice_mean"] <= 1.0
     seg_card = json.loads((world / "segment" / "head.json").read_text())
     assert doc["segmentation"]["threshold"] == seg_card["operating_point"]["threshold"]
+    assert doc["segmentation"]["min_area"] == seg_card["operating_point"]["min_area"]
     det_op = json.loads((world / "detect" / "head.json").read_text()).get("operating_point")
     assert doc["detection"]["threshold"] == (det_op["threshold"] if det_op else 0.3)
     assert (world / "eval" / "metrics_run" / "config.yaml").is_file()

@@ -443,9 +443,10 @@ def test_dihedral_cache_path_holds_8_views_and_trains(monkeypatch: pytest.Monkey
 
 
 def test_dense_heads_take_their_tasks_grid_unless_told() -> None:
-    """``out_stride``/``image_skip`` left at None: metal masks at stride 2 reading the image, screws
-    and vertebrae at stride 4 without it; given values win; ``train_head`` saves what it built."""
-    expected = {"segment": (2, True), "detect": (4, False), "segment_vertebrae": (4, False)}
+    """``out_stride``/``image_skip`` left at None: metal masks at stride 2 and screws at stride 4
+    reading the image, vertebrae at stride 4 without it; given values win; ``train_head`` saves
+    what it built."""
+    expected = {"segment": (2, True), "detect": (4, True), "segment_vertebrae": (4, False)}
     for name, (stride, skip) in expected.items():
         kw = head_arguments(get_task(name), HeadTrainConfig(task=name))
         assert (kw["out_stride"], kw["image_skip"]) == (stride, skip)
@@ -485,9 +486,28 @@ def test_thresholds_tuned_on_labelled_items() -> None:
     items = [LabeledImage(image=np.zeros((16, 16), np.float32), image_id="a", mask=truth)]
     seg = get_task("segment")
     op = seg.tune_threshold([prob], items)
-    assert op == {"threshold": 0.4, "criterion": "dice_mean", "value": 1.0, "at_default": 0.0}
-    seg.threshold = op["threshold"]
+    assert op == {"threshold": 0.4, "min_area": 0.0, "criterion": "dice_mean", "value": 1.0, "at_default": 0.0}
+    seg.apply_operating_point(op)
     assert (seg.decide([prob])[0] == truth).all()
+
+    # specks: a confident 2-pixel false alarm on a metal-free image and a 1-pixel one beside the metal
+    # cost Dice at every threshold; dropping components under 2 of 4,096 pixels removes both, not the metal
+    truth = np.zeros((64, 64), bool)
+    truth[4:12, 4:12] = True
+    metal = np.where(truth, 0.9, 0.05).astype(np.float32)
+    metal[20, 20] = 0.95
+    clean = np.full((64, 64), 0.05, np.float32)
+    clean[5, 5:7] = 0.97
+    items = [LabeledImage(image=np.zeros((64, 64), np.float32), image_id=i, mask=m)
+             for i, m in (("metal", truth), ("clean", np.zeros((64, 64), bool)))]
+    seg = get_task("segment")
+    op = seg.tune_threshold([metal, clean], items)
+    assert (op["threshold"], op["value"]) == (0.5, 1.0) and op["min_area"] == 5e-4  # 5e-4 x 4,096 = 2.05 px
+    assert op["at_default"] == pytest.approx((2 * 64 / (65 + 64) + 0.0) / 2)
+    seg.apply_operating_point(op)
+    assert seg.operating_point() == {"threshold": 0.5, "min_area": 5e-4}
+    masks = seg.decide([metal, clean])
+    assert (masks[0] == truth).all() and not masks[1].any()
 
     det = get_task("detect")
     screw = {"head": [2.0, 2.0], "tip": [12.0, 2.0]}

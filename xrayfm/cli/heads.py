@@ -160,7 +160,7 @@ def train_cmd(
                 soft = predict_items(bb, fitted, htask, val, cfg.img_size, progress=step, soft=True)
             if cfg.tune_threshold and (op := htask.tune_threshold(soft, val)) is not None:
                 op |= {"split": "val", "n_images": len(val)}
-                htask.threshold = op["threshold"]
+                htask.apply_operating_point(op)
                 record_operating_point(out, op)
             val_metrics = {k: v for k, v in htask.metrics(htask.decide(soft), val).items()
                            if not k.endswith("_per_image")}

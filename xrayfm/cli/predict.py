@@ -44,13 +44,16 @@ def bundle_cmd(
         help="Screw confidence threshold [the detect head's val-tuned operating point, else 0.3].")] = None,
     mask_threshold: Annotated[float | None, typer.Option(
         help="Metal probability threshold for the mask [the segment head's val-tuned one, else 0.5].")] = None,
+    mask_min_area: Annotated[float | None, typer.Option(
+        help="Drop mask components smaller than this fraction of the image area, e.g. 0.0005 "
+             "[the segment head's val-tuned one, else 0].")] = None,
 ) -> None:
     """Assemble backbone + heads into ONE model bundle folder that predict and serve load."""
     from xrayfm.config import write_run_record
     from xrayfm.models.bundle import ModelBundle
 
     try:
-        path = ModelBundle.create(backbone, heads, out, detect_threshold, mask_threshold)
+        path = ModelBundle.create(backbone, heads, out, detect_threshold, mask_threshold, mask_min_area)
         b = ModelBundle.load(path)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
@@ -61,6 +64,7 @@ def bundle_cmd(
             "heads": [str(h) for h in heads],
             "detect_threshold": b.options["detect_threshold"],
             "mask_threshold": b.options["mask_threshold"],
+            "mask_min_area": b.options["mask_min_area"],
         },
     )
     print(f"bundle {path}: {b.card()['arch']} at {b.input_size} px with heads {', '.join(b.heads)}")

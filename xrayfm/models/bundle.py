@@ -96,15 +96,16 @@ def screw_mm(screw: dict[str, Any], spacing: Spacing) -> dict[str, Any]:
     }
 
 
-def _threshold(given: float | None, head: tuple[Path, dict[str, Any]] | None, task: str) -> float:
-    """``given``, else the head's threshold as ``evaluate`` uses it (its tuned operating point or
-    the task's default), else the task's default."""
+def _operating_value(given: float | None, head: tuple[Path, dict[str, Any]] | None, task: str,
+                     key: str = "threshold") -> float:
+    """``given``, else the head's ``key`` of the operating point as ``evaluate`` uses it (its tuned
+    one or the task's default), else the task's default."""
     from xrayfm.tasks.base import get_task
     from xrayfm.tasks.train import task_for_head
 
     if given is not None:
         return float(given)
-    return float((task_for_head(head[1]) if head is not None else get_task(task)).threshold)  # type: ignore[arg-type]
+    return float((task_for_head(head[1]) if head is not None else get_task(task)).operating_point()[key])
 
 
 @dataclass
@@ -130,17 +131,21 @@ class ModelBundle:
         out: str | Path,
         detect_threshold: float | None = None,
         mask_threshold: float | None = None,
+        mask_min_area: float | None = None,
     ) -> Path:
         """Assemble a bundle folder from an exported backbone and head bundles; return its path.
 
-        A threshold left at None is the head's tuned operating point (``head.json``
-        ``operating_point``, chosen on the val split by ``heads train``), else 0.3 / 0.5.
+        A threshold (or the metal mask's smallest kept component, a fraction of the image area)
+        left at None is the head's tuned operating point (``head.json`` ``operating_point``,
+        chosen on the val split by ``heads train``), else 0.3 / 0.5 (and no component filter).
         """
         from xrayfm.tasks.train import HEAD_CARD, HEAD_WEIGHTS, load_head_bundle
 
         for name, value in (("detect_threshold", detect_threshold), ("mask_threshold", mask_threshold)):
             if value is not None and not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must lie in (0, 1), got {value}")
+        if mask_min_area is not None and not 0.0 <= mask_min_area < 1.0:
+            raise ValueError(f"mask_min_area is a fraction of the image area in [0, 1), got {mask_min_area}")
         _, bb_card = load_backbone(str(backbone_path))
         if not head_paths:
             raise ValueError(
@@ -193,8 +198,9 @@ class ModelBundle:
             "class_names": _class_names(heads["classify"][1]) if "classify" in heads else None,
             "heads": {t: {"head": c["head"], "dir": f"heads/{t}"} for t, (_, c) in heads.items()},
             "options": {
-                "detect_threshold": _threshold(detect_threshold, heads.get("detect"), "detect"),
-                "mask_threshold": _threshold(mask_threshold, heads.get("segment"), "segment"),
+                "detect_threshold": _operating_value(detect_threshold, heads.get("detect"), "detect"),
+                "mask_threshold": _operating_value(mask_threshold, heads.get("segment"), "segment"),
+                "mask_min_area": _operating_value(mask_min_area, heads.get("segment"), "segment", "min_area"),
             },
             "backbone_weights_sha256": bb_card.get("weights_sha256"),
         }
@@ -322,12 +328,13 @@ class ModelBundle:
             r["probabilities"] = {n: float(v) for n, v in zip(names, p)}
 
     def _segment(self, logits: Tensor, images: Sequence[np.ndarray], results: list[dict[str, Any]]) -> None:
-        from xrayfm.tasks.segment import probability_maps
+        from xrayfm.tasks.segment import binary_mask, probability_maps
 
         thr = float(self.options.get("mask_threshold", 0.5))
+        min_area = float(self.options.get("mask_min_area", 0.0))  # bundles from before the filter: none
         for r, prob in zip(results, probability_maps(logits, [im.shape for im in images])):
             r["metal_probability"] = prob
-            r["metal_mask"] = prob > thr
+            r["metal_mask"] = binary_mask(prob, thr, min_area)
 
     def _detect(self, out: Tensor, spacings: list[Spacing], results: list[dict[str, Any]]) -> None:
         from xrayfm.tasks.detect import screws_in_frames

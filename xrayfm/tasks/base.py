@@ -71,6 +71,15 @@ class HeadTask:
         split), from :meth:`predict_soft` output; None when the task has no threshold."""
         return None
 
+    def apply_operating_point(self, op: dict[str, Any]) -> None:
+        """Decide at ``op`` (a :meth:`tune_threshold` result or a head card's ``operating_point``)."""
+        if self.threshold is not None:
+            self.threshold = float(op["threshold"])
+
+    def operating_point(self) -> dict[str, float]:
+        """What :meth:`decide` runs at (``threshold``, plus task-specific keys); empty without one."""
+        return {} if self.threshold is None else {"threshold": self.threshold}
+
 
 def register_task(cls: type[HeadTask]) -> type[HeadTask]:
     """Class decorator adding a task to the registry under ``cls.name``."""

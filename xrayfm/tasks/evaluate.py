@@ -147,8 +147,7 @@ def evaluate_heads(backbone_path: str | Path, head_paths: Sequence[str | Path], 
             raise ValueError(f"no images of this split carry a {task.name} label; check --labels and --split")
         preds = predict_items(bb, head, task, labelled, int(hcard["img_size"]), progress=progress)
         metrics = _strip_lists(task.metrics(preds, labelled))
-        if task.threshold is not None:
-            metrics["threshold"] = task.threshold
+        metrics.update(task.operating_point())
         if task.name == "classify" and train_items:
             tr = [it for it in train_items if task.has_label(it)]
             metrics["baselines"] = classification_baselines(bb, tr, labelled, task.num_classes or 0,

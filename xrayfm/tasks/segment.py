@@ -1,5 +1,6 @@
-"""Binary masks (metal, vertebrae): soft Dice + BCE on per-pixel logits; masks thresholded at p = 0.5
-or at the probability that maximised the val split's mean Dice (``heads train`` tunes it)."""
+"""Binary masks (metal, vertebrae): soft Dice + BCE on per-pixel logits; masks thresholded at p = 0.5,
+or at the probability and smallest kept component that maximised the val split's mean Dice
+(``heads train`` tunes both: :meth:`SegmentTask.tune_threshold`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 from torch import Tensor, nn
 
 from xrayfm.tasks.base import HeadTask, register_task
@@ -38,6 +40,18 @@ def probability_maps(logits: Tensor, sizes: Sequence[tuple[int, int]]) -> list[n
             for logit, hw in zip(logits, sizes)]
 
 
+def binary_mask(prob: np.ndarray, threshold: float, min_area: float = 0.0) -> np.ndarray:
+    """``prob > threshold`` without the 8-connected components smaller than ``min_area`` times the
+    image's area (a fraction, so one operating point fits every image size)."""
+    mask = prob > threshold
+    if min_area <= 0 or not mask.any():
+        return mask
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    keep = np.bincount(labels.ravel()) >= min_area * mask.size
+    keep[0] = False
+    return keep[labels]
+
+
 @register_task
 class SegmentTask(HeadTask):
     """Binary metal mask."""
@@ -49,11 +63,14 @@ class SegmentTask(HeadTask):
     # stride 4 for about 4x the head's step time (docs/heads.md "Fine metal masks")
     default_out_stride = 2
     default_image_skip = True
-    TUNE_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(17))  # 0.1 ... 0.9
+    TUNE_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(18))  # 0.1 ... 0.95
+    # smallest kept component, a fraction of the image area (at 256 px: 0, 7, 13, 33, 66, 131, 328, 655 px)
+    MIN_AREA_GRID = (0.0, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
 
     def __init__(self, num_classes: int | None = None) -> None:
         super().__init__(num_classes)
         self.threshold = 0.5
+        self.min_area = 0.0  # components below this fraction of the image are dropped (0: none)
 
     def label_mask(self, item: LabeledImage) -> np.ndarray | None:
         """The item's true mask for this task (None = unlabelled)."""
@@ -80,19 +97,30 @@ class SegmentTask(HeadTask):
         return probability_maps(out, [it.size for it in originals])
 
     def decide(self, soft: list[Any]) -> list[np.ndarray]:
-        return [p > self.threshold for p in soft]
+        return [binary_mask(p, self.threshold, self.min_area) for p in soft]
 
     def predict(self, out: Tensor, originals: Sequence[LabeledImage], size: tuple[int, int]) -> list[np.ndarray]:
         return self.decide(self.predict_soft(out, originals, size))
 
     def tune_threshold(self, soft: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any] | None:
-        """The probability of :attr:`TUNE_GRID` with the highest mean Dice (ties: nearest 0.5);
-        ``at_default`` is the mean Dice at the current threshold."""
+        """The probability of :attr:`TUNE_GRID` and smallest kept component of :attr:`MIN_AREA_GRID`
+        with the highest mean Dice (ties: the threshold nearest 0.5, then the smaller area), the
+        way nnU-Net keeps a component filter only where it helps on held-out cases; ``at_default``
+        is the mean Dice at the current operating point."""
         trues = [self.label_mask(it) for it in items]
-        dice = {t: segmentation_metrics([p > t for p in soft], trues, boundary_k=None)["dice_mean"]
-                for t in (*self.TUNE_GRID, self.threshold)}
-        best = max(self.TUNE_GRID, key=lambda t: (dice[t], -abs(t - 0.5)))
-        return {"threshold": best, "criterion": "dice_mean", "value": dice[best], "at_default": dice[self.threshold]}
+        points = [(t, a) for t in self.TUNE_GRID for a in self.MIN_AREA_GRID]
+        dice = {(t, a): segmentation_metrics([binary_mask(p, t, a) for p in soft], trues, boundary_k=None)["dice_mean"]
+                for t, a in (*points, (self.threshold, self.min_area))}
+        t, a = max(points, key=lambda ta: (dice[ta], -abs(ta[0] - 0.5), -ta[1]))
+        return {"threshold": t, "min_area": a, "criterion": "dice_mean", "value": dice[(t, a)],
+                "at_default": dice[(self.threshold, self.min_area)]}
+
+    def apply_operating_point(self, op: dict[str, Any]) -> None:
+        super().apply_operating_point(op)
+        self.min_area = float(op.get("min_area", 0.0))  # cards from before the component filter: none
+
+    def operating_point(self) -> dict[str, float]:
+        return {"threshold": self.threshold, "min_area": self.min_area}
 
     def metrics(self, preds: list[Any], items: Sequence[LabeledImage]) -> dict[str, Any]:
         return segmentation_metrics(preds, [self.label_mask(it) for it in items])

@@ -374,8 +374,8 @@ def task_for_head(card: dict[str, Any]) -> HeadTask:
     """The task of a head bundle's card, at the bundle's tuned operating point when it has one."""
     num_classes = card["head_kwargs"].get("num_classes") if card["task"] == "classify" else None
     task = get_task(card["task"], num_classes)
-    if (op := card.get("operating_point")) and task.threshold is not None:
-        task.threshold = float(op["threshold"])
+    if op := card.get("operating_point"):
+        task.apply_operating_point(op)
     return task
 
 
