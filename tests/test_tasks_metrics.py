@@ -125,6 +125,7 @@ def test_detection_metrics_hand_case() -> None:
     # both truths (20 px and, end-on, 30 px long) were found
     assert r["recall_by_length_px"] == {"0-10": {"n": 0, "recall": None}, "10-20": {"n": 0, "recall": None},
                                         "20-40": {"n": 2, "recall": 1.0}, "40+": {"n": 0, "recall": None}}
+    assert r["angle_by_length_px"]["20-40"]["n"] == 1  # the end-on screw has no angle
     # ranking: 0.95 FP, 0.9 TP, 0.8 TP, 0.7 FP -> precision 1/2, 2/3 at recall 0.5, 1.0
     assert r["ap"] == pytest.approx(0.5 * (2 / 3) + 0.5 * (2 / 3))
 
@@ -140,6 +141,13 @@ def test_reversed_short_screw_counts_in_mean_not_median() -> None:
     assert r["angle_error_deg"] == pytest.approx((0 + 2 + 4 + 180) / 4)
     assert r["angle_error_median_deg"] == pytest.approx(3.0)
     assert r["reversed_rate"] == pytest.approx(0.25)
+    # by true length: the reversal is the one short screw, the long ones keep a 2 degree mean
+    by_len = r["angle_by_length_px"]
+    assert by_len["0-10"] == {"n": 1, "mean_deg": pytest.approx(180.0), "median_deg": pytest.approx(180.0),
+                              "reversed_rate": 1.0}
+    assert by_len["20-40"]["n"] == 3 and by_len["20-40"]["mean_deg"] == pytest.approx(2.0)
+    assert by_len["20-40"]["reversed_rate"] == 0.0
+    assert by_len["10-20"] == {"n": 0, "mean_deg": None, "median_deg": None, "reversed_rate": None}
 
 
 def test_score_threshold_sets_operating_point_but_not_ap() -> None:

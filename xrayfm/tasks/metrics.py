@@ -347,6 +347,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
     head_px: list[float] = []
     tip_px: list[float] = []
     ang: list[float] = []
+    ang_len: list[float] = []  # true length of each screw in ``ang``
     head_mm: list[float] = []
     tip_mm: list[float] = []
     _, incr = ranked_tp_increments(preds, trues, max_dist)
@@ -377,6 +378,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
                 tip_mm.append(float(np.linalg.norm((pt - tt) * scale)))
             if not t[ti].get("end_on", False) and np.linalg.norm(tt - th) >= min_angle_length:
                 ang.append(angle_difference(direction_deg(ph, pt), direction_deg(th, tt)))
+                ang_len.append(float(np.linalg.norm(tt - th)))
 
     def mean(v: list[float]) -> float | None:
         return float(np.mean(v)) if v else None
@@ -402,6 +404,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
         "max_dist_px": max_dist,
         "score_threshold": score_threshold,
         "recall_by_length_px": _recall_by_length(np.asarray(lengths), np.asarray(found, dtype=bool)),
+        "angle_by_length_px": _angle_by_length(np.asarray(ang_len), np.asarray(ang)),
         "missed_near": missed_near,
     }
 
@@ -409,12 +412,27 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
 LENGTH_BINS_PX = (0.0, 10.0, 20.0, 40.0, float("inf"))
 
 
+def _length_bins(lengths: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """``(name, in-bin mask)`` for each bin of :data:`LENGTH_BINS_PX`: "0-10", ..., "40+"."""
+    return [(f"{lo:g}-{hi:g}" if np.isfinite(hi) else f"{lo:g}+", (lengths >= lo) & (lengths < hi))
+            for lo, hi in pairwise(LENGTH_BINS_PX)]
+
+
 def _recall_by_length(lengths: np.ndarray, found: np.ndarray) -> dict[str, dict[str, Any]]:
     """Recall of the true screws in each head-tip length bin of :data:`LENGTH_BINS_PX` (px):
     ``{"0-10": {"n": ..., "recall": ... or None}, ..., "40+": ...}``."""
+    return {name: {"n": int(inside.sum()), "recall": float(found[inside].mean()) if inside.any() else None}
+            for name, inside in _length_bins(lengths)}
+
+
+def _angle_by_length(lengths: np.ndarray, errors: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Angle errors (degrees) of the matched screws that have one, by their true length bin:
+    ``{"0-10": {"n", "mean_deg", "median_deg", "reversed_rate"}, ...}`` (None where a bin is empty).
+    Short projections carry most of the reversals and the spread of the mean."""
     out: dict[str, dict[str, Any]] = {}
-    for lo, hi in pairwise(LENGTH_BINS_PX):
-        inside = (lengths >= lo) & (lengths < hi)
-        name = f"{lo:g}-{hi:g}" if np.isfinite(hi) else f"{lo:g}+"
-        out[name] = {"n": int(inside.sum()), "recall": float(found[inside].mean()) if inside.any() else None}
+    for name, inside in _length_bins(lengths):
+        e = errors[inside]
+        out[name] = {"n": int(inside.sum()), "mean_deg": float(e.mean()) if len(e) else None,
+                     "median_deg": float(np.median(e)) if len(e) else None,
+                     "reversed_rate": float((e > 90.0).mean()) if len(e) else None}
     return out
