@@ -36,6 +36,7 @@ from xrayfm.models.heads import POOLED_NORMS
 from xrayfm.models.runtime import AUTOCAST_PRECISIONS
 from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import label_subset, load_labeled_images
+from xrayfm.tasks.detect import DetectTask
 from xrayfm.tasks.train import HeadTrainConfig, predict_items, train_head
 
 RESULTS = Path(__file__).resolve().parent / "results" / "label_efficiency.json"
@@ -83,6 +84,8 @@ def main() -> None:
                          "here unless given, on by default for the metal head of `heads train`)")
     ap.add_argument("--precision", default="auto", choices=AUTOCAST_PRECISIONS,
                     help="heads' forward pass (HeadTrainConfig.precision; auto = bf16 on an AMX/AVX-512 CPU)")
+    ap.add_argument("--max-dist", type=float, default=10.0,
+                    help="screw matching radius in image px (DetectTask.max_dist; scale it with the image size)")
     ap.add_argument("--tune", action="store_true",
                     help="also report segment/detect test metrics at the threshold tuned on the val split")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -118,6 +121,8 @@ def main() -> None:
                 head, _ = train_head(bb, train, cfg)
                 train_s = time.perf_counter() - t0
                 task = get_task(task_name)  # at its default threshold
+                if isinstance(task, DetectTask):
+                    task.max_dist = args.max_dist
                 soft = predict_items(bb, head, task, test, args.img_size, soft=True)
                 row = {"backbone": label, "task": task_name, "fraction": frac, "n_train": n_items,
                        "epochs": epochs, "train_s": round(train_s, 1), **({"pool": cfg.pool} if task_name == "classify" else {}),

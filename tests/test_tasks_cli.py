@@ -86,6 +86,21 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
     det_op = json.loads((world / "detect" / "head.json").read_text()).get("operating_point")
     assert doc["detection"]["threshold"] == (det_op["threshold"] if det_op else 0.3)
     assert (world / "eval" / "metrics_run" / "config.yaml").is_file()
+    # a wider screw matching radius (e.g. for 256-px images) can only match more screws; 0 is refused
+    assert doc["detection"]["max_dist_px"] == 10.0
+    wide = world / "eval" / "wide.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", *_common(world), "--split", "val", "--out", str(wide), "--device", "cpu",
+              "--heads", str(world / "detect"), "--match-px", "40"])
+    assert exc.value.code == 0
+    wide_det = json.loads(wide.read_text())["detection"]
+    assert wide_det["max_dist_px"] == 40.0 and wide_det["n_matched"] >= doc["detection"]["n_matched"]
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", *_common(world), "--split", "val", "--out", str(world / "eval" / "bad.json"),
+              "--heads", str(world / "detect"), "--match-px", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "matching radius" in err[0]
+    assert not (world / "eval" / "bad.json").exists()
     emb = world / "emb.parquet"
     with pytest.raises(SystemExit) as exc:
         main(["embed", "--backbone", str(world / "bb"), "--lake", str(world / "lake"), "--out", str(emb)])

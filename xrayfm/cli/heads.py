@@ -195,6 +195,8 @@ def evaluate_cmd(
     classical: Annotated[bool, _Opt("--classical", help="Also PCA+SVM on features and on raw 32 px "
                                     "thumbnails (needs --knn).")] = False,
     device: Annotated[str, _Opt(help="auto (the GPU when there is one), cpu, cuda or cuda:N.")] = "auto",
+    match_px: Annotated[float, _Opt(help="Screw matching radius in image pixels (scale it with the "
+                                    "image size: 10 at 128 px, 20 at 256).")] = 10.0,
 ) -> None:
     """Evaluate head bundles on a split and write metrics.json (see docs/heads.md for the keys)."""
     from xrayfm.config import atomic_write_text, write_run_record
@@ -206,12 +208,13 @@ def evaluate_cmd(
             raise ValueError(f"no labelled images in split {split!r}; check --lake, --labels and --split")
         train = _load_items(lake, labels, "train") if knn and _has_classifier(heads) else None
         with _bar("evaluate", len(items) * len(heads)) as step:
-            doc = evaluate_heads(backbone, heads, items, train, classical=classical, progress=step, device=device)
+            doc = evaluate_heads(backbone, heads, items, train, classical=classical, progress=step, device=device,
+                                 match_px=match_px)
         doc["split"] = split
         atomic_write_text(out, json.dumps(_json_safe(doc), indent=2))
         write_run_record(_record_dir(out), {"backbone": backbone, "heads": heads, "lake": lake, "labels": labels,
                                       "split": split, "knn": knn, "classical": classical,
-                                            "device": device})
+                                            "device": device, "match_px": match_px})
     except _user_errors() as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
     parts = []

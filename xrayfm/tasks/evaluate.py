@@ -27,6 +27,7 @@ from torch import nn
 from xrayfm.models.heads import head_pool
 from xrayfm.models.runtime import module_device, resolve_device
 from xrayfm.tasks.data import LabeledImage, images_tensor, load_labeled_images, resize_item
+from xrayfm.tasks.detect import DetectTask
 from xrayfm.tasks.features import backbone_features
 from xrayfm.tasks.train import load_head_bundle, predict_items, task_for_head
 
@@ -119,9 +120,14 @@ def _strip_lists(m: dict[str, Any]) -> dict[str, Any]:
 
 def evaluate_heads(backbone_path: str | Path, head_paths: Sequence[str | Path], items: Sequence[LabeledImage],
                    train_items: Sequence[LabeledImage] | None = None, classical: bool = False,
-                   progress: Callable[[int], None] | None = None, device: str = "auto") -> dict[str, Any]:
+                   progress: Callable[[int], None] | None = None, device: str = "auto",
+                   match_px: float | None = None) -> dict[str, Any]:
     """Metrics of each head bundle on ``items`` (models on ``device``, :func:`resolve_device`);
-    ``train_items`` adds kNN/classical baselines."""
+    ``train_items`` adds kNN/classical baselines; ``match_px`` replaces the screw matching radius
+    (:class:`~xrayfm.tasks.detect.DetectTask` ``max_dist``, image px)."""
+    if match_px is not None and not match_px > 0:
+        raise ValueError(f"screw matching radius must be a positive distance in image pixels, got {match_px}; "
+                         "pass e.g. --match-px 10")
     dev = resolve_device(device)
     backbone, card = _load_backbone(backbone_path)
     backbone.to(dev)
@@ -139,6 +145,8 @@ def evaluate_heads(backbone_path: str | Path, head_paths: Sequence[str | Path], 
             bb, _ = _load_backbone(Path(hp) / hcard["fine_tuned_backbone"])
             bb.to(dev)
         task = task_for_head(hcard)
+        if match_px is not None and isinstance(task, DetectTask):
+            task.max_dist = match_px
         section = SECTION[task.name]
         if section in doc:
             raise ValueError(f"two heads for task {task.name}; evaluate one head per task at a time")
