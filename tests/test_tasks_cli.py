@@ -35,7 +35,7 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
         fraction = ["--label-fraction", "0.5"] if task == "classify" else []
         # detect: the cache holds 8 views of each image, and a stride-2 keypoint grid that
         # evaluate below must decode as such
-        dihedral = ["--dihedral", "--out-stride", "2"] if task == "detect" else []
+        dihedral = ["--dihedral", "--out-stride", "2", "--match-px", "12"] if task == "detect" else []
         # segment: a stride-1 mask reading the input image as well (evaluate feeds it the image),
         # trained in fp32 on the CPU named explicitly (the others: auto device and precision)
         fine = ["--out-stride", "1", "--image-skip", "--device", "cpu", "--precision", "fp32"] if task == "segment" else []
@@ -58,6 +58,9 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
         assert card["head_kwargs"].get("image_skip", False) is (task in ("segment", "detect"))
         assert ("dihedral: true" in (world / task / "config.yaml").read_text()) is bool(dihedral)
         assert (world / task / "config.yaml").is_file() and (world / task / "metrics_val.json").is_file()
+        if task == "detect":  # val tuning and metrics at the radius given, kept with the head
+            assert card["train_config"]["match_px"] == 12.0
+            assert json.loads((world / task / "metrics_val.json").read_text())["max_dist_px"] == 12.0
         if task == "segment":  # the mask threshold is chosen on the val split and kept in the card
             assert card["operating_point"]["split"] == "val" and card["operating_point"]["criterion"] == "dice_mean"
             assert 0.1 <= card["operating_point"]["threshold"] <= 0.95
@@ -86,8 +89,9 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
     det_op = json.loads((world / "detect" / "head.json").read_text()).get("operating_point")
     assert doc["detection"]["threshold"] == (det_op["threshold"] if det_op else 0.3)
     assert (world / "eval" / "metrics_run" / "config.yaml").is_file()
-    # a wider screw matching radius (e.g. for 256-px images) can only match more screws; 0 is refused
-    assert doc["detection"]["max_dist_px"] == 10.0
+    # evaluate scores screws at the head's radius unless told otherwise; a wider one (e.g. for
+    # 256-px images) can only match more screws; 0 is refused
+    assert doc["detection"]["max_dist_px"] == 12.0
     wide = world / "eval" / "wide.json"
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", *_common(world), "--split", "val", "--out", str(wide), "--device", "cpu",
@@ -117,6 +121,7 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
     (["--task", "classify", "--pool", "max"], "pool must be auto or one of final, multilevel"),
     (["--task", "segment", "--precision", "fp16"], "precision must be one of auto, bf16, fp32"),
     (["--task", "segment", "--device", "tpu"], "device 'tpu' is not a torch device"),
+    (["--task", "detect", "--match-px", "0"], "match_px must be a positive distance"),
 ])
 def test_train_bad_input_is_one_line(world: Path, capsys: pytest.CaptureFixture[str], args: list[str],
                                      message: str) -> None:

@@ -111,6 +111,8 @@ def train_cmd(
     tune_threshold: Annotated[bool | None, _Opt("--tune-threshold/--no-tune-threshold",
                                                 help="Choose the mask probability (segment) or screw score "
                                                 "(detect) threshold that maximises val Dice / F1; default on.")] = None,
+    match_px: Annotated[float | None, _Opt(help="Detect: screw matching radius in image pixels for the val "
+                                           "threshold and metrics; scale it with the image [10].")] = None,
     device: Annotated[str | None, _Opt(help="auto (the GPU when there is one), cpu, cuda or cuda:N [auto].")] = None,
     precision: Annotated[str | None, _Opt(help="Head forward pass: auto (bf16 on a GPU or a CPU with fast "
                                           "bf16), bf16 or fp32 [auto].")] = None,
@@ -122,6 +124,7 @@ def train_cmd(
     from xrayfm.models.runtime import module_device
     from xrayfm.tasks.base import get_task
     from xrayfm.tasks.data import label_subset
+    from xrayfm.tasks.detect import DetectTask
     from xrayfm.tasks.train import (
         HeadTrainConfig,
         head_arguments,
@@ -135,13 +138,15 @@ def train_cmd(
              "img_size": img_size, "label_fraction": label_fraction, "unfreeze": unfreeze,
              "augment": augment, "dihedral": dihedral, "feature_norm": feature_norm,
              "pool": pool, "out_stride": out_stride, "image_skip": image_skip, "tune_threshold": tune_threshold,
-             "device": device, "precision": precision, "seed": seed}
+             "match_px": match_px, "device": device, "precision": precision, "seed": seed}
     t0 = time.time()
     try:
         base = load_yaml(HeadTrainConfig, config) if config else HeadTrainConfig()
         cfg = from_dict(HeadTrainConfig, {**to_dict(base), **{k: v for k, v in given.items() if v is not None}})
         cfg.validate()
         htask = get_task(cfg.task, cfg.num_classes)
+        if isinstance(htask, DetectTask):
+            htask.max_dist = cfg.match_px
         bb, card = load_backbone(backbone)
         train = [it for it in _load_items(lake, labels, "train") if htask.has_label(it)]
         # train_head takes the same deterministic subset; counted here for the bar and the summary
@@ -195,8 +200,9 @@ def evaluate_cmd(
     classical: Annotated[bool, _Opt("--classical", help="Also PCA+SVM on features and on raw 32 px "
                                     "thumbnails (needs --knn).")] = False,
     device: Annotated[str, _Opt(help="auto (the GPU when there is one), cpu, cuda or cuda:N.")] = "auto",
-    match_px: Annotated[float, _Opt(help="Screw matching radius in image pixels (scale it with the "
-                                    "image size: 10 at 128 px, 20 at 256).")] = 10.0,
+    match_px: Annotated[float | None, _Opt(help="Screw matching radius in image pixels (scale it with the "
+                                           "image size: 10 at 128 px, 20 at 256) [the radius the head "
+                                           "was tuned with, else 10].")] = None,
 ) -> None:
     """Evaluate head bundles on a split and write metrics.json (see docs/heads.md for the keys)."""
     from xrayfm.config import atomic_write_text, write_run_record

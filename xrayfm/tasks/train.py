@@ -57,6 +57,7 @@ from xrayfm.tasks.data import (
     label_subset,
     resize_item,
 )
+from xrayfm.tasks.detect import DetectTask
 from xrayfm.tasks.features import backbone_features, batched, compute_features
 
 HEAD_WEIGHTS = "head.safetensors"
@@ -86,6 +87,7 @@ class HeadTrainConfig:
     backbone_lr_scale: float = 0.1
     label_fraction: float = 1.0      # <= 1: fraction per class; > 1: items per class
     tune_threshold: bool = True      # heads train: pick the segment/detect threshold on the val split
+    match_px: float = 10.0           # detect: screw matching radius (image px) of val tuning and metrics
     device: str = "auto"             # auto (GPU when there is one) | cpu | cuda | cuda:N
     precision: str = "auto"          # head forward: auto (bf16 where fast) | bf16 | fp32
     seed: int = 0
@@ -98,6 +100,7 @@ class HeadTrainConfig:
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.unfreeze >= -1, f"unfreeze must be >= 0 blocks, or -1 for all, got {self.unfreeze}"),
             (self.label_fraction > 0, f"label_fraction must be > 0, got {self.label_fraction}"),
+            (self.match_px > 0, f"match_px must be a positive distance in image pixels, got {self.match_px}"),
             (self.out_stride in (None, 1, 2, 4), f"out_stride must be 1, 2 or 4, got {self.out_stride}"),
             (self.feature_norm in POOLED_NORMS,
              f"feature_norm must be one of {', '.join(POOLED_NORMS)}, got {self.feature_norm!r}"),
@@ -371,9 +374,12 @@ def record_operating_point(out_dir: str | Path, operating_point: dict[str, Any])
 
 
 def task_for_head(card: dict[str, Any]) -> HeadTask:
-    """The task of a head bundle's card, at the bundle's tuned operating point when it has one."""
+    """The task of a head bundle's card, at the bundle's tuned operating point when it has one
+    (screws: scored with the matching radius the head was trained and tuned with)."""
     num_classes = card["head_kwargs"].get("num_classes") if card["task"] == "classify" else None
     task = get_task(card["task"], num_classes)
+    if isinstance(task, DetectTask):
+        task.max_dist = float(card.get("train_config", {}).get("match_px", task.max_dist))
     if op := card.get("operating_point"):
         task.apply_operating_point(op)
     return task
