@@ -376,9 +376,10 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
                 scale = np.asarray([sp[1], sp[0]])  # x along columns, y along rows
                 head_mm.append(float(np.linalg.norm((ph - th) * scale)))
                 tip_mm.append(float(np.linalg.norm((pt - tt) * scale)))
-            if not t[ti].get("end_on", False) and np.linalg.norm(tt - th) >= min_angle_length:
+            length = float(np.linalg.norm(tt - th))
+            if not t[ti].get("end_on", False) and length >= min_angle_length:
                 ang.append(angle_difference(direction_deg(ph, pt), direction_deg(th, tt)))
-                ang_len.append(float(np.linalg.norm(tt - th)))
+                ang_len.append(length)
 
     def mean(v: list[float]) -> float | None:
         return float(np.mean(v)) if v else None
@@ -394,7 +395,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
         "tip_error_px": mean(tip_px),
         "angle_error_deg": mean(ang),
         "angle_error_median_deg": median(ang),
-        "reversed_rate": float(np.mean(np.asarray(ang) > 90.0)) if ang else None,
+        "reversed_rate": float(np.mean(np.asarray(ang) > REVERSED_DEG)) if ang else None,
         "head_error_mm": mean(head_mm),
         "tip_error_mm": mean(tip_mm),
         "n_pred": n_pred,
@@ -410,6 +411,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
 
 
 LENGTH_BINS_PX = (0.0, 10.0, 20.0, 40.0, float("inf"))
+REVERSED_DEG = 90.0  # a matched screw whose angle error exceeds this points head <-> tip
 
 
 def _length_bins(lengths: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -432,7 +434,8 @@ def _angle_by_length(lengths: np.ndarray, errors: np.ndarray) -> dict[str, dict[
     out: dict[str, dict[str, Any]] = {}
     for name, inside in _length_bins(lengths):
         e = errors[inside]
-        out[name] = {"n": int(inside.sum()), "mean_deg": float(e.mean()) if len(e) else None,
-                     "median_deg": float(np.median(e)) if len(e) else None,
-                     "reversed_rate": float((e > 90.0).mean()) if len(e) else None}
+        stats = {"mean_deg": float(e.mean()), "median_deg": float(np.median(e)),
+                 "reversed_rate": float((e > REVERSED_DEG).mean())} if len(e) else \
+            dict.fromkeys(("mean_deg", "median_deg", "reversed_rate"))
+        out[name] = {"n": len(e), **stats}
     return out
