@@ -79,11 +79,12 @@ def test_fit_writes_run_folder_and_exports_backbone(tmp_path: Path) -> None:
         assert torch.allclose(model(x), teacher(x), atol=1e-6)
 
 
-def test_resume_continues_to_the_same_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [{}, {"dense_weight": 1.0}], ids=["dino", "dino+dense"])
+def test_resume_continues_to_the_same_weights(tmp_path: Path, extra: dict[str, float]) -> None:
     items = real_xrays(12)  # 3 steps per epoch: the "crash" at step 2 is mid-epoch
-    straight = train(tiny_cfg(max_steps=4), tmp_path / "a", items, show_progress=False)
-    train(tiny_cfg(max_steps=2), tmp_path / "b", items, show_progress=False)
-    resumed = train(tiny_cfg(max_steps=4), tmp_path / "b", items, resume=True, show_progress=False)
+    straight = train(tiny_cfg(max_steps=4, **extra), tmp_path / "a", items, show_progress=False)
+    train(tiny_cfg(max_steps=2, **extra), tmp_path / "b", items, show_progress=False)
+    resumed = train(tiny_cfg(max_steps=4, **extra), tmp_path / "b", items, resume=True, show_progress=False)
     assert straight.steps == resumed.steps == 4 and resumed.resumed_from == 2
     a = load_checkpoint(tmp_path / "a" / "checkpoint.pth")
     b = load_checkpoint(tmp_path / "b" / "checkpoint.pth")
@@ -92,7 +93,11 @@ def test_resume_continues_to_the_same_weights(tmp_path: Path) -> None:
         assert torch.allclose(value, b["method"][key], atol=1e-6, rtol=0), key
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
-    again = train(tiny_cfg(max_steps=4), tmp_path / "b", items, show_progress=False)  # nothing left to do
+    if extra:
+        assert a["method"]["dense_criterion.center"].abs().sum() > 0
+        logged = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert logged["dense_matched"] > 0 and math.isfinite(logged["dense_loss"])
+    again = train(tiny_cfg(max_steps=4, **extra), tmp_path / "b", items, show_progress=False)  # nothing left to do
     assert again.steps == 4 and again.loss == pytest.approx(resumed.loss)
     with pytest.raises(ConfigError, match="out_dim"):
         train(tiny_cfg(out_dim=32, max_steps=5), tmp_path / "b", items, show_progress=False)

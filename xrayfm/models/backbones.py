@@ -126,6 +126,7 @@ class Backbone(nn.Module):
     patch_size: int | None
     dense_channels: list[int]
     dense_strides: list[int]
+    dense_indices: list[int]         # the timm block / stage behind each dense map
     # what pooled heads read unless told otherwise (docs/heads.md "Which pooled feature")
     default_pool: str = "final"
 
@@ -149,6 +150,10 @@ class Backbone(nn.Module):
     def forward_dense(self, x: Tensor) -> list[Tensor]:
         """Multi-scale feature maps ``(B, C_i, H / s_i, W / s_i)``; defined by each family."""
         raise NotImplementedError(f"{type(self).__name__} does not define forward_dense")
+
+    def forward_with_dense(self, x: Tensor, level: int = -1) -> tuple[Tensor, Tensor]:
+        """``(forward(x), forward_dense(x)[level])`` from one pass; defined by each family."""
+        raise NotImplementedError(f"{type(self).__name__} does not define forward_with_dense")
 
     def forward_pooled(self, x: Tensor, pool: str = "final") -> Tensor:
         """The pooled embedding ``pool`` (one of :data:`POOLINGS`) of ``x``."""
@@ -195,6 +200,14 @@ class ViTBackbone(Backbone):
             x, indices=self.dense_indices, norm=True, output_fmt="NCHW", intermediates_only=True
         )
 
+    def forward_with_dense(self, x: Tensor, level: int = -1) -> tuple[Tensor, Tensor]:
+        x = self.normalise(x)
+        self._check_size(x)
+        tokens, (grid,) = self.model.forward_intermediates(
+            x, indices=[self.dense_indices[level]], norm=True, output_fmt="NCHW"
+        )
+        return tokens[:, 0], grid
+
 
 class ResNetBackbone(Backbone):
     """timm ResNet; global average pool pooled, the four stages dense."""
@@ -210,14 +223,19 @@ class ResNetBackbone(Backbone):
         stages = [f for f in model.feature_info if f["module"].startswith("layer")]
         self.dense_channels = [int(f["num_chs"]) for f in stages]
         self.dense_strides = [int(f["reduction"]) for f in stages]
+        self.dense_indices = [1, 2, 3, 4]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(self.normalise(x))
 
     def forward_dense(self, x: Tensor) -> list[Tensor]:
         return self.model.forward_intermediates(
-            self.normalise(x), indices=[1, 2, 3, 4], intermediates_only=True
+            self.normalise(x), indices=self.dense_indices, intermediates_only=True
         )
+
+    def forward_with_dense(self, x: Tensor, level: int = -1) -> tuple[Tensor, Tensor]:
+        final, (grid,) = self.model.forward_intermediates(self.normalise(x), indices=[self.dense_indices[level]])
+        return self.model.forward_head(final), grid
 
 
 def create_backbone(arch: str, img_size: int = 224, drop_path_rate: float = 0.0,

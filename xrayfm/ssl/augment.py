@@ -22,18 +22,23 @@ def uniform(g: torch.Generator, lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand((), generator=g))
 
 
-def _check(img: Tensor) -> None:
-    if img.ndim != 3 or img.shape[0] != 1:
+def _check(img: Tensor, any_channels: bool = False) -> None:
+    if img.ndim != 3 or not (any_channels or img.shape[0] == 1):
         raise ValueError(f"augmentations expect a (1, H, W) image tensor, got shape {tuple(img.shape)}")
 
 
 class XrayTransform:
-    """Base: fire with probability ``p``, then :meth:`apply`."""
+    """Base: fire with probability ``p``, then :meth:`apply`.
+
+    ``geometric`` transforms only move pixels, so they also take ``(C, H, W)`` tensors: replayed
+    with the same generator state on a coordinate map they say where each view pixel came from.
+    """
 
     p: float = 1.0
+    geometric: bool = False
 
     def __call__(self, img: Tensor, g: torch.Generator) -> Tensor:
-        _check(img)
+        _check(img, any_channels=self.geometric)
         if self.p < 1.0 and float(torch.rand((), generator=g)) >= self.p:
             return img
         return self.apply(img, g).clamp_(0.0, 1.0)
@@ -48,6 +53,8 @@ class XrayTransform:
 
 class RandomResizedCrop(XrayTransform):
     """Crop a random area fraction ``scale`` and aspect ``ratio``, resize to ``size`` x ``size``."""
+
+    geometric = True
 
     def __init__(self, size: int, scale: tuple[float, float] = (0.4, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
@@ -76,6 +83,8 @@ class RandomResizedCrop(XrayTransform):
 class RandomFlip(XrayTransform):
     """Horizontal flip with ``p_horizontal``, vertical flip with ``p_vertical`` (independent)."""
 
+    geometric = True
+
     def __init__(self, p_horizontal: float = 0.5, p_vertical: float = 0.0) -> None:
         self.p_horizontal, self.p_vertical = p_horizontal, p_vertical
 
@@ -90,6 +99,8 @@ class RandomFlip(XrayTransform):
 
 class RandomRotation(XrayTransform):
     """Rotate by U(-max_degrees, max_degrees) about the centre; uncovered corners become black."""
+
+    geometric = True
 
     def __init__(self, max_degrees: float = 10.0, p: float = 0.5) -> None:
         self.max_degrees, self.p = max_degrees, p
@@ -231,3 +242,24 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return "Pipeline(" + ", ".join(repr(t) for t in self.transforms) + ")"
+
+
+def source_coordinates(pipeline: Pipeline, shape: tuple[int, int], g: torch.Generator) -> Tensor:
+    """Where each pixel of the view ``pipeline(img, g)`` comes from in ``img`` of ``shape`` (H, W).
+
+    Returns ``(3, S, S)``: the source pixel's x and y (pixel centres, in units of the image's
+    longer side, so distances are isotropic) and a coverage channel (1 inside the image, 0 in
+    corners a rotation uncovered). It replays the pipeline's leading geometric transforms on a
+    coordinate map with a copy of ``g``'s state; call it just before the view, ``g`` is not advanced.
+    """
+    h, w = shape
+    side = max(h, w)
+    ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / side, (torch.arange(w) + 0.5) / side, indexing="ij")
+    grid = torch.stack([xs, ys, torch.ones(h, w)])
+    replay = torch.Generator()
+    replay.set_state(g.get_state())
+    for t in pipeline.transforms:
+        if not t.geometric:
+            break
+        grid = t(grid, replay)
+    return grid

@@ -39,6 +39,10 @@ class PretrainConfig:
     center_momentum: float = 0.9
     centering: str = "ema"           # ema (DINO) | sinkhorn (DINOv2's Sinkhorn-Knopp targets)
     koleo_weight: float = 0.0        # DINOv2's KoLeo spread term on the student's pooled features
+    dense_weight: float = 0.0        # dino only: weight of the patch-level loss between the global views
+    dense_out_dim: int = 1024        # its head: prototypes, hidden width, which dense map
+    dense_hidden_dim: int = 512
+    dense_level: int = -1            # index into the backbone's dense maps (-1: last stage / block)
     momentum_teacher: float = 0.996  # cosine to 1.0 over training, per step
     # views
     global_size: int = 224
@@ -70,7 +74,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad key."""
-        positive = ("out_dim", "hidden_dim", "bottleneck_dim", "global_size", "local_size", "epochs",
+        positive = ("out_dim", "hidden_dim", "bottleneck_dim", "dense_out_dim", "dense_hidden_dim", "global_size", "local_size", "epochs",
                     "batch_size", "base_lr", "student_temp", "teacher_temp", "warmup_teacher_temp",
                     "checkpoint_every", "log_every")
         for key in positive:
@@ -84,6 +88,10 @@ class PretrainConfig:
             raise ConfigError(f"centering must be ema or sinkhorn, got {self.centering!r}")
         if self.koleo_weight < 0:
             raise ConfigError(f"koleo_weight must be >= 0, got {self.koleo_weight}")
+        if self.dense_weight < 0:
+            raise ConfigError(f"dense_weight must be >= 0, got {self.dense_weight}")
+        if self.dense_weight > 0 and self.method != "dino":
+            raise ConfigError(f"dense_weight applies to method dino, not {self.method!r}; set it to 0")
         if self.n_local < 0:
             raise ConfigError(f"n_local must be >= 0, got {self.n_local}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):

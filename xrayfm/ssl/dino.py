@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -65,25 +66,44 @@ class DinoHead(nn.Module):
             return self.last_layer(z.float())
 
 
-class MultiCropNet(nn.Module):
-    """Backbone + head over crops of several resolutions: one backbone call per resolution."""
+class CropOutputs(NamedTuple):
+    """What :class:`MultiCropNet` returns for its crops, in order."""
 
-    def __init__(self, backbone: Backbone, head: DinoHead) -> None:
+    logits: Tensor        # (N, out_dim) head outputs of every crop
+    pooled: Tensor        # (N, embed_dim) pooled backbone features
+    dense: Tensor | None  # (N_0, h, w, dense_out_dim) dense-head outputs per cell of the first group
+
+
+class MultiCropNet(nn.Module):
+    """Backbone + head over crops of several resolutions: one backbone call per resolution.
+
+    With a ``dense_head`` the first crop group (the global views) also gives the dense head's
+    output for every cell of the backbone's dense map ``dense_level``, from the same pass.
+    """
+
+    def __init__(self, backbone: Backbone, head: DinoHead, dense_head: DinoHead | None = None,
+                 dense_level: int = -1) -> None:
         super().__init__()
-        self.backbone, self.head = backbone, head
+        self.backbone, self.head, self.dense_head = backbone, head, dense_head
+        self.dense_level = dense_level
         self.channels_last = isinstance(backbone, ResNetBackbone)
 
-    def forward(self, crops: Sequence[Tensor], return_features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Head outputs of all crops in order; with ``return_features`` also the pooled backbone features."""
-        feats = []
-        for x in crops:
-            if x.numel():
-                if self.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
+    def forward(self, crops: Sequence[Tensor]) -> CropOutputs:
+        feats, dense = [], None
+        for i, x in enumerate(crops):
+            if not x.numel():
+                continue
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if i == 0 and self.dense_head is not None:
+                pooled, grid = self.backbone.forward_with_dense(x, self.dense_level)
+                cells = grid.permute(0, 2, 3, 1)
+                dense = self.dense_head(cells.reshape(-1, cells.shape[-1])).view(*cells.shape[:3], -1)
+                feats.append(pooled)
+            else:
                 feats.append(self.backbone(x))
         pooled = torch.cat(feats)
-        out = self.head(pooled)
-        return (out, pooled) if return_features else out
+        return CropOutputs(self.head(pooled), pooled, dense)
 
 
 def _all_reduce(x: Tensor) -> Tensor:
@@ -174,16 +194,101 @@ class DinoLoss(nn.Module):
             stats = {"teacher_entropy": entropy, "teacher_batch_entropy": batch_entropy,
                      "kl": loss.detach() - entropy}
         if self.centering == "ema":
-            self.update_center(teacher_out)
+            update_center(self.center, teacher_out, self.center_momentum)
         return loss, stats
 
-    @torch.no_grad()
-    def update_center(self, teacher_out: Tensor) -> None:
-        total = _all_reduce(teacher_out.sum(dim=0, keepdim=True))
-        count = teacher_out.shape[0]
-        if dist.is_available() and dist.is_initialized():
-            count *= dist.get_world_size()
-        self.center.mul_(self.center_momentum).add_(total / count, alpha=1.0 - self.center_momentum)
+
+@torch.no_grad()
+def update_center(center: Tensor, teacher_out: Tensor, momentum: float) -> None:
+    """``center = momentum * center + (1 - momentum) * mean`` of the rows of ``teacher_out``
+    (all-reduced over ranks when torch.distributed is initialised)."""
+    total = _all_reduce(teacher_out.sum(dim=0, keepdim=True))
+    count = teacher_out.shape[0]
+    if dist.is_available() and dist.is_initialized():
+        count *= dist.get_world_size()
+    center.mul_(momentum).add_(total / count, alpha=1.0 - momentum)
+
+
+def cell_positions(coords: Tensor, grid: tuple[int, int],
+                   min_cover: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
+    """Where the cells of an ``(h, w)`` feature map of each view lie in its source image.
+
+    ``coords`` (N, 3, S, S) are the views' coordinate maps (:func:`~xrayfm.ssl.augment.source_coordinates`).
+    Returns each cell's source position ``(N, h * w, 2)``; whether the view covers the cell
+    (``(N, h * w)``, at least ``min_cover`` of its pixels inside the image); and the cell axes
+    ``(N, 2, 2)``, the source displacement of one cell step along the view's columns (``[:, :, 0]``)
+    and rows (``[:, :, 1]``) — crops, flips and rotations are affine, so one pair serves the view.
+    """
+    coords = coords.float()
+    pooled = F.adaptive_avg_pool2d(coords, grid)
+    cover = pooled[:, 2]
+    xy = pooled[:, :2] / cover.clamp_min(1e-6).unsqueeze(1)
+    size, c = coords.shape[-1], coords.shape[-1] // 2  # the centre pixel is always inside the image
+    across = (coords[:, :2, c, c + 1] - coords[:, :2, c, c]) * size / grid[1]
+    down = (coords[:, :2, c + 1, c] - coords[:, :2, c, c]) * size / grid[0]
+    return xy.flatten(2).transpose(1, 2), (cover >= min_cover).flatten(1), torch.stack([across, down], dim=2)
+
+
+def match_cells(xy_s: Tensor, ok_s: Tensor, xy_t: Tensor, ok_t: Tensor,
+                axes_t: Tensor) -> tuple[Tensor, Tensor]:
+    """For each cell of view s the nearest covered cell of view t at the same image position.
+
+    Returns the index ``(N, n_s)`` and whether it is a match ``(N, n_s)``: cell s covered and its
+    centre inside the footprint of that t cell (within half a cell step along both of t's axes).
+    """
+    dist = torch.cdist(xy_s, xy_t).masked_fill(~ok_t.unsqueeze(1), float("inf"))
+    index = dist.argmin(dim=-1)
+    offset = xy_s - xy_t.gather(1, index.unsqueeze(-1).expand(-1, -1, 2))
+    in_cells = torch.linalg.solve(axes_t.unsqueeze(1), offset.unsqueeze(-1)).squeeze(-1)
+    return index, ok_s & ok_t.gather(1, index) & (in_cells.abs() <= 0.5 + 1e-4).all(dim=-1)
+
+
+class DenseDinoLoss(nn.Module):
+    """Patch-level DINO between the two global views (the dense term of iBOT / DINOv2, paired by
+    position instead of masking, so it works for ResNets too).
+
+    Each student cell of one global view learns the centred, sharpened teacher distribution of
+    the cell at the same image position in the other view; cells without a partner (outside the
+    other crop) are left out. Own centre, an EMA of the mean teacher output over all cells.
+    ``forward`` returns the loss and detached statistics: the fraction of cells matched and the
+    teacher's mean per-cell entropy.
+    """
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
+        super().__init__()
+        self.student_temp, self.center_momentum = student_temp, center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor, coords: Tensor,
+                teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
+        """``student_out``, ``teacher_out`` (2B, h, w, K): view 0 of every image, then view 1;
+        ``coords`` (2B, 3, S, S) in the same order."""
+        with torch.autocast(student_out.device.type, enabled=False):
+            return self._forward(student_out.float(), teacher_out.float().detach(), coords, teacher_temp)
+
+    def _forward(self, student_out: Tensor, teacher_out: Tensor, coords: Tensor,
+                 teacher_temp: float) -> tuple[Tensor, dict[str, Tensor]]:
+        n, h, w, k = student_out.shape
+        batch = n // 2
+        xy, ok, axes = cell_positions(coords, (h, w))
+        log_p = F.log_softmax(student_out.reshape(n, h * w, k) / self.student_temp, dim=-1)
+        teacher = teacher_out.reshape(n, h * w, k)
+        log_q = F.log_softmax((teacher - self.center) / teacher_temp, dim=-1)
+        q = log_q.exp()
+        total, count = student_out.new_zeros(()), student_out.new_zeros(())
+        for s_view in (0, 1):
+            s, t = slice(s_view * batch, (s_view + 1) * batch), slice((1 - s_view) * batch, (2 - s_view) * batch)
+            index, matched = match_cells(xy[s], ok[s], xy[t], ok[t], axes[t])
+            target = q[t].gather(1, index.unsqueeze(-1).expand(-1, -1, k))
+            ce = -(target * log_p[s]).sum(-1)
+            total = total + (ce * matched).sum()
+            count = count + matched.sum()
+        loss = total / count.clamp_min(1.0)
+        with torch.no_grad():
+            stats = {"dense_loss": loss.detach(), "dense_matched": count / (n * h * w),
+                     "dense_teacher_entropy": -(q * log_q).sum(-1).mean()}
+        update_center(self.center, teacher.reshape(-1, k), self.center_momentum)
+        return loss, stats
 
 
 @torch.no_grad()
@@ -213,12 +318,22 @@ class DinoMethod(SSLMethod):
                 raise ConfigError(f"freeze_patch_embed applies to ViT backbones, not {cfg.arch}; set it to false")
             student_bb.model.patch_embed.requires_grad_(False)
 
-        def head() -> DinoHead:
-            return DinoHead(student_bb.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
-                            cfg.norm_last_layer, cfg.head_bn)
+        def head(in_dim: int, out_dim: int, hidden_dim: int) -> DinoHead:
+            return DinoHead(in_dim, out_dim, hidden_dim, cfg.bottleneck_dim, cfg.norm_last_layer, cfg.head_bn)
 
-        self.student = MultiCropNet(student_bb, head())
-        self.teacher = MultiCropNet(teacher_bb, copy.deepcopy(self.student.head))
+        dense_head = None
+        self.dense_criterion: DenseDinoLoss | None = None
+        if cfg.dense_weight > 0:
+            levels = len(student_bb.dense_channels)
+            if not -levels <= cfg.dense_level < levels:
+                raise ConfigError(f"dense_level {cfg.dense_level} is out of range for {cfg.arch}, which has "
+                                  f"{levels} dense maps; use -{levels}..{levels - 1} (-1 = the last)")
+            dense_head = head(student_bb.dense_channels[cfg.dense_level], cfg.dense_out_dim, cfg.dense_hidden_dim)
+            self.dense_criterion = DenseDinoLoss(cfg.dense_out_dim, cfg.student_temp, cfg.center_momentum)
+        self.student = MultiCropNet(student_bb, head(student_bb.embed_dim, cfg.out_dim, cfg.hidden_dim),
+                                    dense_head, cfg.dense_level)
+        self.teacher = MultiCropNet(teacher_bb, copy.deepcopy(self.student.head), copy.deepcopy(dense_head),
+                                    cfg.dense_level)
         self.teacher.requires_grad_(False)
         if isinstance(student_bb, ResNetBackbone):
             self.student.to(memory_format=torch.channels_last)
@@ -228,7 +343,7 @@ class DinoMethod(SSLMethod):
     def make_transform(self) -> MultiCropTransform:
         c = self.cfg
         return MultiCropTransform(c.global_size, c.local_size, c.n_local, c.global_scale, c.local_scale,
-                                  c.augment)
+                                  c.augment, coords=self.dense_criterion is not None)
 
     def collate(self, items: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         return collate_crops(items)
@@ -239,21 +354,26 @@ class DinoMethod(SSLMethod):
 
     def loss(self, student: nn.Module, batch: dict[str, Tensor],
              progress: Progress) -> tuple[Tensor, dict[str, Tensor]]:
+        temp = self.teacher_temp(progress)
         with torch.no_grad():
-            teacher_out = self.teacher([batch["global"]])
-        if self.cfg.koleo_weight <= 0:
-            student_out = student([batch["global"], batch["local"]])
-            return self.criterion(student_out, teacher_out, self.teacher_temp(progress))
-        student_out, pooled = student([batch["global"], batch["local"]], return_features=True)
-        loss, stats = self.criterion(student_out, teacher_out, self.teacher_temp(progress))
-        n = batch["global"].shape[0] // 2
-        koleo = sum(koleo_loss(pooled[i * n:(i + 1) * n]) for i in range(2)) / 2
-        stats["koleo"] = koleo.detach()
-        return loss + self.cfg.koleo_weight * koleo, stats
+            teacher = self.teacher([batch["global"]])
+        out = student([batch["global"], batch["local"]])
+        loss, stats = self.criterion(out.logits, teacher.logits, temp)
+        if self.cfg.koleo_weight > 0:
+            n = batch["global"].shape[0] // 2
+            koleo = sum(koleo_loss(out.pooled[i * n:(i + 1) * n]) for i in range(2)) / 2
+            stats["koleo"] = koleo.detach()
+            loss = loss + self.cfg.koleo_weight * koleo
+        if self.dense_criterion is not None:
+            dense, dense_stats = self.dense_criterion(out.dense, teacher.dense, batch["global_coords"], temp)
+            stats.update(dense_stats)
+            loss = loss + self.cfg.dense_weight * dense
+        return loss, stats
 
     def after_backward(self, progress: Progress) -> None:
         if progress.epoch_float < self.cfg.freeze_last_layer_epochs:
-            for p in self.student.head.last_layer.parameters():
+            heads = [self.student.head] + ([self.student.dense_head] if self.dense_criterion is not None else [])
+            for p in (p for h in heads for p in h.last_layer.parameters()):
                 p.grad = None
 
     @torch.no_grad()

@@ -30,6 +30,7 @@ from xrayfm.ssl.augment import (
     RandomWindowLevel,
     Solarize,
     XrayTransform,
+    source_coordinates,
 )
 
 
@@ -79,15 +80,17 @@ class MultiCropTransform:
     """DINO-style views of one ``(1, H, W)`` image: 2 global crops and ``n_local`` local crops.
 
     Global view 1 is always blurred, view 2 rarely blurred but sometimes solarised; local views
-    are blurred half of the time (the asymmetry of the DINO recipe).
+    are blurred half of the time (the asymmetry of the DINO recipe). With ``coords`` the global
+    views also come with where their pixels lie in the image (:func:`source_coordinates`), which
+    the patch-level loss needs to pair positions across views.
     """
 
     def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8,
                  global_scale: tuple[float, float] = (0.4, 1.0),
                  local_scale: tuple[float, float] = (0.05, 0.4),
-                 aug: AugmentConfig | None = None) -> None:
+                 aug: AugmentConfig | None = None, coords: bool = False) -> None:
         a = aug or AugmentConfig()
-        self.n_local = n_local
+        self.n_local, self.coords = n_local, coords
 
         def augment(blur_p: float, solarize_p: float) -> list[XrayTransform]:
             return [
@@ -103,11 +106,19 @@ class MultiCropTransform:
         self.local_view = Pipeline([RandomResizedCrop(local_size, local_scale), *augment(0.5, 0.0)])
 
     def __call__(self, img: Tensor, g: torch.Generator) -> dict[str, Tensor]:
-        """Return ``{"global": (2, 1, G, G), "local": (n_local, 1, L, L)}``."""
-        glob = torch.stack([view(img, g) for view in self.global_views])
+        """Return ``{"global": (2, 1, G, G), "local": (n_local, 1, L, L)}``, with ``coords`` also
+        ``"global_coords": (2, 3, G, G)``."""
+        views, coords = [], []
+        for view in self.global_views:
+            if self.coords:
+                coords.append(source_coordinates(view, img.shape[-2:], g))
+            views.append(view(img, g))
         loc = (torch.stack([self.local_view(img, g) for _ in range(self.n_local)])
                if self.n_local else torch.empty(0))
-        return {"global": glob, "local": loc}
+        out = {"global": torch.stack(views), "local": loc}
+        if self.coords:
+            out["global_coords"] = torch.stack(coords)
+        return out
 
 
 def _image_of(item: Any, where: str) -> Tensor:
@@ -187,9 +198,10 @@ class MultiCropIterableDataset(IterableDataset):
 
 
 def collate_crops(items: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Stack crop-major: ``global`` (2B, 1, G, G) = every image's view 0, then view 1; same for local."""
+    """Stack crop-major: ``global`` (2B, 1, G, G) = every image's view 0, then view 1; same for
+    ``local`` and ``global_coords``."""
     out = {}
-    for key in ("global", "local"):
+    for key in items[0]:
         stacked = torch.stack([it[key] for it in items], dim=1)  # (n_views, B, 1, S, S)
         out[key] = stacked.flatten(0, 1) if stacked.numel() else torch.empty(0)
     return out
