@@ -44,7 +44,7 @@ def test_pretrain_cli_trains_resumes_and_exports(lake: str, tmp_path: Path,
     args = ["pretrain", "--lake", lake, "--out", str(out), "--arch", "vit_tiny_patch16", "--split", "all",
             "--epochs", "2", "--batch-size", "2", "--global-size", "32", "--local-size", "16",
             "--n-local", "2", "--out-dim", "64", "--num-workers", "0", "--precision", "fp32",
-            "--input-norm", "equalize"]
+            "--input-norm", "equalize", "--dense-weight", "0.5"]
     assert _run(args + ["--max-steps", "1"]) == 0
     assert "pretrained 1/" in capsys.readouterr().out
     assert _run(args + ["--resume"]) == 0
@@ -54,6 +54,8 @@ def test_pretrain_cli_trains_resumes_and_exports(lake: str, tmp_path: Path,
     assert card["finished"] and card["training_data"]["lake"] == lake
     assert card["training_data"]["n_images"] >= 2 and card["config"]["arch"] == "vit_tiny_patch16"
     assert card["input_norm"] == "equalize" == card["config"]["input_norm"]
+    assert card["config"]["dense_weight"] == 0.5
+    assert all("dense_loss" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
     for name in ("config.yaml", "run.json", "metrics.jsonl", "checkpoint.pth"):
         assert (out / name).is_file()
     model, _ = load_backbone(str(out))
@@ -69,6 +71,7 @@ def test_pretrain_cli_errors_are_one_line(lake: str, tmp_path: Path,
         (["--arch", "vit_giant"], "unknown arch"),
         (["--precision", "fp8"], "precision"),
         (["--input-norm", "zscore"], "input_norm must be one of fixed, equalize"),
+        (["--dense-weight", "-1"], "dense_weight must be >= 0"),
         (["--where", "modality = 'NOPE'", "--split", "all"], "has no images"),
         (["--resume", "--split", "all"], "does not exist"),
         (["--init", str(tmp_path / "missing.pth"), "--arch", "vit_tiny_patch16", "--split", "all"],

@@ -36,6 +36,8 @@ def pretrain_cmd(
     out_dim: int | None = typer.Option(None, help="DINO prototypes (default 4096)."),
     input_norm: str | None = typer.Option(None, help="fixed (default) or equalize: histogram-equalise each "
                                           "image in the model, blind to brightness, contrast and gamma."),
+    dense_weight: float | None = typer.Option(None, help="Weight of the patch-level DINO term between the global "
+                                              "views (default 0 = off; dense_level / dense_out_dim in --config)."),
     split: str | None = typer.Option(None, help="Lake split to use, or 'all' (default train)."),
     where: str | None = typer.Option(None, help="Extra SQL predicate over lake metadata columns."),
     max_steps: int | None = typer.Option(None, help="Stop after N steps (schedules span all epochs); 0 exports the initial "
@@ -62,7 +64,7 @@ def pretrain_cmd(
     overrides = {k: v for k, v in dict(
         lake=lake, arch=arch, method=method, epochs=epochs, batch_size=batch_size, init=init, compile=compile,
         precision=precision, global_size=global_size, local_size=local_size, n_local=n_local, out_dim=out_dim,
-        input_norm=input_norm,
+        input_norm=input_norm, dense_weight=dense_weight,
         split=split, where=where, max_steps=max_steps, num_workers=num_workers, seed=seed).items()
         if v is not None}
     if split == "all":
