@@ -74,9 +74,9 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad key."""
-        positive = ("out_dim", "hidden_dim", "bottleneck_dim", "dense_out_dim", "dense_hidden_dim", "global_size", "local_size", "epochs",
-                    "batch_size", "base_lr", "student_temp", "teacher_temp", "warmup_teacher_temp",
-                    "checkpoint_every", "log_every")
+        positive = ("out_dim", "hidden_dim", "bottleneck_dim", "dense_out_dim", "dense_hidden_dim",
+                    "global_size", "local_size", "epochs", "batch_size", "base_lr", "student_temp",
+                    "teacher_temp", "warmup_teacher_temp", "checkpoint_every", "log_every")
         for key in positive:
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
