@@ -15,14 +15,16 @@ from xrayfm.tasks.metrics import balanced_accuracy, confusion_matrix
 
 
 def backbone_from_spec(spec: str) -> tuple[str, torch.nn.Module]:
-    """``NAME=PATH`` or ``PATH`` (a pretrain run / exported bundle) or ``random:ARCH[:INPUT_NORM]``
+    """``[NAME=]PATH`` (a pretrain run / exported bundle) or ``[NAME=]random:ARCH[:INPUT_NORM]``
     (random init, seed 0, input_norm ``fixed`` unless given); returns (label, backbone)."""
-    if spec.startswith("random:"):
+    name, eq, target = spec.partition("=")
+    if not eq:
+        name, target = "", spec
+    if target.startswith("random:"):
         torch.manual_seed(0)
-        arch, _, input_norm = spec.split(":", 1)[1].partition(":")
-        return spec, create_backbone(arch, input_norm=input_norm or "fixed")
-    name, _, path = spec.partition("=")
-    return (name if path else Path(spec).name), load_backbone(path or spec)[0]
+        arch, _, input_norm = target.split(":", 1)[1].partition(":")
+        return name or target, create_backbone(arch, input_norm=input_norm or "fixed")
+    return name or Path(target).name, load_backbone(target)[0]
 
 
 def bank_and_query(lake: str, labels: str,
