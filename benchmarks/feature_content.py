@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/feature_content.py --lake LAKE --labels SYNTH_RUN \
         random:vit_tiny_patch16 dino_vit=RUN_DIR [--size 64] [--out benchmarks/results/feature_content.json]
 
-For each backbone (``random:ARCH`` or ``[NAME=]RUN_DIR``, see ``common.backbone_from_spec``) the
+For each backbone (``[NAME=]random:ARCH`` or ``[NAME=]RUN_DIR``, see ``common.backbone_from_spec``) the
 pooled features of the lake's train split (bank) and val split (queries) are probed for body region
 (class-balanced weighted kNN, k 20, T 0.07, and a linear probe) and for nuisance attributes that
 two crops of one image share whatever the region: the image's mean intensity, its standard
@@ -78,7 +78,7 @@ def probe(backbone: torch.nn.Module, bank: list[LabeledImage], query: list[Label
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("backbones", nargs="+", help="random:ARCH or [NAME=]RUN_DIR")
+    ap.add_argument("backbones", nargs="+", help="[NAME=]random:ARCH or [NAME=]RUN_DIR")
     ap.add_argument("--lake", required=True)
     ap.add_argument("--labels", required=True)
     ap.add_argument("--size", type=int, default=64)
