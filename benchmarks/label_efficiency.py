@@ -8,11 +8,13 @@ optimiser steps at every fraction (``--steps``; epochs = steps / batches per epo
 
 Segmentation and detection subsets are drawn at random over all labelled images (images without
 metal or screws are labelled too: their targets are empty); classification subsets are
-stratified by body region.
+stratified by body region. With ``--draws N`` every fraction below 1 is drawn N times (seeds
+``--seed`` .. ``--seed+N-1``, each also the head's init); its row holds the mean over the draws,
+the sample std of each metric (``std``) and every draw (``draws``).
 
     .venv/bin/python benchmarks/label_efficiency.py --lake LAKE --labels SYNTH_RUN \
         --backbone dino=runs/resnet18 --backbone random:resnet18 [--fractions 0.01,0.1,1]
-        [--tasks classify,segment,detect] [--img-size 128] [--steps 300] [--threads 2] [--dihedral]
+        [--tasks classify,segment,detect] [--img-size 128] [--steps 300] [--draws 3] [--threads 2] [--dihedral]
         [--feature-norm standardize|layernorm] [--pool auto|final|multilevel] [--unfreeze N] [--tune]
         [--out benchmarks/results/label_efficiency.json]
 """
@@ -37,6 +39,7 @@ from xrayfm.models.runtime import AUTOCAST_PRECISIONS
 from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import label_subset, load_labeled_images
 from xrayfm.tasks.detect import DetectTask
+from xrayfm.tasks.metrics import mean_over_runs
 from xrayfm.tasks.train import HeadTrainConfig, predict_items, train_head
 
 RESULTS = Path(__file__).resolve().parent / "results" / "label_efficiency.json"
@@ -55,6 +58,59 @@ def _rounded(m: dict[str, Any], task_name: str) -> dict[str, Any]:
     return {k: (round(m[k], 4) if isinstance(m[k], float) else m[k]) for k in KEYS[task_name]}
 
 
+def _one_run(args: argparse.Namespace, bb: Any, task_name: str, frac: float, seed: int,
+             train: list[Any], val: list[Any], test: list[Any]) -> dict[str, Any]:
+    """Train one head on the ``seed`` draw of ``frac`` of the labels and score it on ``test``."""
+    task = get_task(task_name)
+    key = "region_index" if task_name == "classify" else None
+    n_items = len(label_subset([it for it in train if task.has_label(it)], frac, seed, key))
+    epochs = _epochs(n_items, args.batch_size, args.steps, args.min_epochs, args.max_epochs)
+    lr = 3e-3 if task_name == "segment" else 1e-2
+    cfg = HeadTrainConfig(task=task_name, img_size=args.img_size, epochs=epochs,
+                          batch_size=args.batch_size, lr=lr, label_fraction=frac, seed=seed,
+                          dihedral=args.dihedral, feature_norm=args.feature_norm, pool=args.pool,
+                          unfreeze=args.unfreeze, out_stride=args.out_stride,
+                          image_skip=args.image_skip, precision=args.precision)
+    t0 = time.perf_counter()
+    head, _ = train_head(bb, train, cfg)
+    train_s = time.perf_counter() - t0
+    task = get_task(task_name)  # at its default threshold
+    if isinstance(task, DetectTask):
+        task.max_dist = args.max_dist
+    soft = predict_items(bb, head, task, test, args.img_size, soft=True)
+    row = {"task": task_name, "fraction": frac, "seed": seed, "n_train": n_items, "epochs": epochs,
+           "train_s": round(train_s, 1), **({"pool": cfg.pool} if task_name == "classify" else {}),
+           **_rounded(task.metrics(task.decide(soft), test), task_name)}
+    if args.tune and task.threshold is not None:  # as `heads train`: threshold chosen on val
+        op = task.tune_threshold(predict_items(bb, head, task, val, args.img_size, soft=True), val)
+        if op is not None:
+            task.apply_operating_point(op)
+            row["tuned"] = {**{k: round(v, 4) for k, v in task.operating_point().items()},
+                            "val_" + op["criterion"]: round(op["value"], 4),
+                            **_rounded(task.metrics(task.decide(soft), test), task_name)}
+    return row
+
+
+def _combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result row: the run itself, or for several label draws the mean of their metrics
+    (``seed`` becomes the list of seeds), the sample std of each top-level metric and every draw."""
+    if len(runs) == 1:
+        return runs[0]
+    fixed = ("task", "fraction", "n_train", "epochs", "pool")  # the same in every draw
+    metrics = [{k: v for k, v in r.items() if k not in (*fixed, "seed")} for r in runs]
+    mean, std = mean_over_runs(metrics)
+    mean = _rounded_tree(mean)
+    return {**{k: runs[0][k] for k in fixed if k in runs[0]}, "seed": [r["seed"] for r in runs], **mean,
+            "std": {k: round(v, 4) for k, v in std.items() if v is not None},
+            "draws": runs}
+
+
+def _rounded_tree(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _rounded_tree(x) for k, x in v.items()}
+    return round(v, 4) if isinstance(v, float) else v
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lake", required=True)
@@ -68,7 +124,11 @@ def main() -> None:
     ap.add_argument("--min-epochs", type=int, default=5)
     ap.add_argument("--max-epochs", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="label draw and head init of the first draw")
+    ap.add_argument("--draws", type=int, default=1,
+                    help="label draws (seeds --seed, --seed+1, ...) per fraction below 1; rows then hold "
+                         "the mean, the std and every draw (a 10 %% subset's draw moves a dense head's "
+                         "score by 10-20 points)")
     ap.add_argument("--dihedral", action="store_true", help="heads train with random rot90/mirror (8-view cache)")
     ap.add_argument("--unfreeze", type=int, default=0,
                     help="fine-tune the last N blocks/stages (-1: all) at lr/10 instead of the frozen cache")
@@ -90,6 +150,8 @@ def main() -> None:
                     help="also report segment/detect test metrics at the threshold tuned on the val split")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.draws < 1:
+        raise SystemExit(f"--draws {args.draws}: give 1 or more label draws per fraction")
     torch.set_num_threads(args.threads)
     fractions = [float(f) for f in args.fractions.split(",")]
     tasks = args.tasks.split(",")
@@ -104,40 +166,19 @@ def main() -> None:
     for spec in args.backbone:
         label, bb = backbone_from_spec(spec)
         for task_name in tasks:
-            task = get_task(task_name)
             for frac in fractions:
-                key = "region_index" if task_name == "classify" else None
-                n_items = len(label_subset([it for it in train if task.has_label(it)], frac, args.seed, key))
-                epochs = _epochs(n_items, args.batch_size, args.steps, args.min_epochs, args.max_epochs)
-                lr = 3e-3 if task_name == "segment" else 1e-2
-                cfg = HeadTrainConfig(task=task_name, img_size=args.img_size, epochs=epochs,
-                                      batch_size=args.batch_size, lr=lr, label_fraction=frac, seed=args.seed,
-                                      dihedral=args.dihedral, feature_norm=args.feature_norm, pool=args.pool,
-                                      unfreeze=args.unfreeze, out_stride=args.out_stride,
-                                      image_skip=args.image_skip, precision=args.precision)
-                if args.unfreeze:  # fine-tuning changes the backbone in place: start each run afresh
-                    bb = backbone_from_spec(spec)[1]
-                t0 = time.perf_counter()
-                head, _ = train_head(bb, train, cfg)
-                train_s = time.perf_counter() - t0
-                task = get_task(task_name)  # at its default threshold
-                if isinstance(task, DetectTask):
-                    task.max_dist = args.max_dist
-                soft = predict_items(bb, head, task, test, args.img_size, soft=True)
-                row = {"backbone": label, "task": task_name, "fraction": frac, "n_train": n_items,
-                       "epochs": epochs, "train_s": round(train_s, 1), **({"pool": cfg.pool} if task_name == "classify" else {}),
-                       **_rounded(task.metrics(task.decide(soft), test), task_name)}
-                if args.tune and task.threshold is not None:  # as `heads train`: threshold chosen on val
-                    op = task.tune_threshold(predict_items(bb, head, task, val, args.img_size, soft=True), val)
-                    if op is not None:
-                        task.apply_operating_point(op)
-                        row["tuned"] = {**{k: round(v, 4) for k, v in task.operating_point().items()},
-                                        "val_" + op["criterion"]: round(op["value"], 4),
-                                        **_rounded(task.metrics(task.decide(soft), test), task_name)}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                runs = []
+                for seed in range(args.seed, args.seed + (args.draws if frac < 1 else 1)):
+                    if args.unfreeze:  # fine-tuning changes the backbone in place: start each run afresh
+                        bb = backbone_from_spec(spec)[1]
+                    runs.append(_one_run(args, bb, task_name, frac, seed, train, val, test))
+                    print(json.dumps({"backbone": label, **runs[-1]}), flush=True)
+                rows.append({"backbone": label, **_combine(runs)})
+                if len(runs) > 1:
+                    print(json.dumps({"backbone": label, **{k: v for k, v in rows[-1].items() if k != "draws"}}),
+                          flush=True)
     result = {"lake": args.lake, "n_train": len(train), "n_test": len(test), "img_size": args.img_size,
-              "steps": args.steps, "dihedral": args.dihedral, "tune": args.tune,
+              "steps": args.steps, "draws": args.draws, "dihedral": args.dihedral, "tune": args.tune,
               "feature_norm": args.feature_norm, "pool": args.pool, "unfreeze": args.unfreeze, "out_stride": args.out_stride, "image_skip": args.image_skip,
               "precision": args.precision, "threads": args.threads, "load_avg_1m": os.getloadavg()[0],
               "versions": versions(), "rows": rows}

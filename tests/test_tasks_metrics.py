@@ -215,3 +215,22 @@ def test_ignored_truth_does_not_take_a_prediction_from_a_scored_one() -> None:
     scored, hidden = _s((0, 0), (20, 0)), {**_s((3, 0), (23, 0)), "ignore": True}
     kept_p, kept_t = M.drop_ignored([[_s((2, 0), (22, 0), 0.9)]], [[scored, hidden]], max_dist=5.0)
     assert kept_t == [[scored]] and len(kept_p[0]) == 1
+
+
+def test_mean_over_runs_averages_defined_leaves_and_gives_sample_std() -> None:
+    hit, miss = M.segmentation_metrics([np.ones((2, 2))], [np.ones((2, 2))], boundary_k=None), \
+        M.segmentation_metrics([np.zeros((2, 2))], [np.ones((2, 2))], boundary_k=None)
+    mean, std = M.mean_over_runs([hit, miss, hit])
+    assert mean["dice_mean"] == pytest.approx(2 / 3) and mean["iou_mean"] == pytest.approx(2 / 3)
+    assert std["dice_mean"] == pytest.approx(np.std([1, 0, 1], ddof=1))
+    # a screw found in one run and missed in the other: the errors exist in one run only
+    true = [[_s((0, 0), (20, 0))]]
+    found = M.detection_metrics([[_s((1, 0), (21, 0), 0.9)]], true, max_dist=5.0)
+    lost = M.detection_metrics([[]], true, max_dist=5.0)
+    mean, std = M.mean_over_runs([found, lost])
+    assert (mean["recall"], mean["ap"]) == (0.5, 0.5)
+    assert mean["head_error_px"] == found["head_error_px"] == 1.0 and std["head_error_px"] is None
+    assert mean["recall_by_length_px"]["20-40"] == {"n": 1.0, "recall": 0.5}
+    assert "recall_by_length_px" not in std  # nested leaves get a mean, not a spread
+    with pytest.raises(ValueError, match="at least one run"):
+        M.mean_over_runs([])

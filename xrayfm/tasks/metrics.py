@@ -32,6 +32,11 @@ Detection (screws)
     Because one reversed screw (head and tip swapped, possible on screws shorter than
     ``max_dist``) adds 180 degrees, the angle errors also come as a median and as the fraction of
     matches pointing the wrong way (error above 90 degrees).
+
+Over repeated runs
+    :func:`mean_over_runs` reduces several metric dicts of one setting (e.g. label draws) to the
+    mean of every numeric leaf over the runs where it is defined (``None``/NaN skipped), and the
+    sample standard deviation (``ddof=1``) of the top-level numbers.
 """
 
 from __future__ import annotations
@@ -439,3 +444,35 @@ def _angle_by_length(lengths: np.ndarray, errors: np.ndarray) -> dict[str, dict[
             dict.fromkeys(("mean_deg", "median_deg", "reversed_rate"))
         out[name] = {"n": len(e), **stats}
     return out
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _mean_leaves(values: Sequence[Any]) -> Any:
+    if any(isinstance(v, dict) for v in values):
+        dicts = [v for v in values if isinstance(v, dict)]
+        return {k: _mean_leaves([d.get(k) for d in dicts]) for k in dicts[0]}
+    nums = [float(v) for v in values if _number(v)]
+    if nums:
+        return float(np.mean(nums))
+    return next((v for v in values if v is not None), None)
+
+
+def mean_over_runs(runs: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, float | None]]:
+    """``(mean, std)`` of metric dicts from repeated runs of one setting.
+
+    ``mean`` has the keys of the first run; numeric leaves (nested dicts included) are averaged
+    over the runs where they are a finite number, other leaves keep the first defined value, and
+    a leaf undefined in every run stays ``None``. ``std`` holds the sample standard deviation of
+    each top-level number over the runs that define it (``None`` with fewer than two)."""
+    if not runs:
+        raise ValueError("mean_over_runs needs at least one run")
+    mean = {k: _mean_leaves([r.get(k) for r in runs]) for k in runs[0]}
+    std: dict[str, float | None] = {}
+    for k in runs[0]:
+        nums = [float(r[k]) for r in runs if _number(r.get(k))]
+        if nums or all(r.get(k) is None for r in runs):
+            std[k] = float(np.std(nums, ddof=1)) if len(nums) >= 2 else None
+    return mean, std
