@@ -61,7 +61,9 @@ def _rounded(m: dict[str, Any], task_name: str) -> dict[str, Any]:
 def _one_run(args: argparse.Namespace, bb: Any, task_name: str, frac: float, seed: int,
              train: list[Any], val: list[Any], test: list[Any]) -> dict[str, Any]:
     """Train one head on the ``seed`` draw of ``frac`` of the labels and score it on ``test``."""
-    task = get_task(task_name)
+    task = get_task(task_name)  # fresh per run, so at its default threshold until tuned below
+    if isinstance(task, DetectTask):
+        task.max_dist = args.max_dist
     key = "region_index" if task_name == "classify" else None
     n_items = len(label_subset([it for it in train if task.has_label(it)], frac, seed, key))
     epochs = _epochs(n_items, args.batch_size, args.steps, args.min_epochs, args.max_epochs)
@@ -74,9 +76,6 @@ def _one_run(args: argparse.Namespace, bb: Any, task_name: str, frac: float, see
     t0 = time.perf_counter()
     head, _ = train_head(bb, train, cfg)
     train_s = time.perf_counter() - t0
-    task = get_task(task_name)  # at its default threshold
-    if isinstance(task, DetectTask):
-        task.max_dist = args.max_dist
     soft = predict_items(bb, head, task, test, args.img_size, soft=True)
     row = {"task": task_name, "fraction": frac, "seed": seed, "n_train": n_items, "epochs": epochs,
            "train_s": round(train_s, 1), **({"pool": cfg.pool} if task_name == "classify" else {}),
