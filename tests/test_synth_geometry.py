@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from xrayfm.io.volume import CTVolume
-from xrayfm.synth.geometry import View, field_mask, pixel_rays, project, projection_matrix
+from xrayfm.synth.geometry import View, field_mask, pixel_rays, project, projection_matrix, shift_isocenter
 from xrayfm.synth.phantom import make_phantom
 from xrayfm.synth.render import line_integrals, prepare_volume, truncated_rays
 from xrayfm.synth.views import hide_truncation, plausible_view
@@ -51,6 +51,18 @@ def test_pixel_rays_pass_through_pixel_centres() -> None:
     xy = project(projection_matrix(view), pts).reshape(64, 64, 2)
     ys, xs = np.mgrid[0:64, 0:64] + 0.5
     assert np.allclose(xy[..., 0], xs, atol=1e-6) and np.allclose(xy[..., 1], ys, atol=1e-6)
+
+
+@pytest.mark.parametrize("params", VIEWS)
+def test_isocentre_shift_moves_the_image_by_that_many_pixels(params: dict) -> None:
+    view = View(isocenter=(5.0, -3.0, 12.0), size=128, **params)
+    for px, angle in ((1.0, 0.0), (4.0, np.pi / 2), (8.0, 2.0)):
+        moved = shift_isocenter(view, px, angle)
+        # the old isocentre lies in the new isocentre plane, so it shows px pixels the other way
+        seen = project(projection_matrix(moved), np.array([view.isocenter]))[0]
+        assert np.allclose(seen, [64 - px * np.cos(angle), 64 - px * np.sin(angle)], atol=1e-6), (px, angle, seen)
+        assert (moved.lao_deg, moved.cran_deg, moved.roll_deg, moved.size) == \
+            (view.lao_deg, view.cran_deg, view.roll_deg, view.size)
 
 
 def test_ap_view_shows_patient_right_on_image_left() -> None:

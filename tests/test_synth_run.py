@@ -166,3 +166,26 @@ def test_balanced_regions_draw_each_shown_region(tmp_path: Path, ct_files: tuple
     assert set(balanced) == set(base.regions), (balanced, base.regions)
     # every shown region gets at least half its fair share (the phantom's natural draw is 47 % spine)
     assert min(balanced.values()) >= cfg.n / (2 * len(base.regions)), balanced
+
+
+def test_region_margin_keeps_only_views_whose_region_survives_the_move(tmp_path: Path,
+                                                                      ct_files: tuple[Path, Path]) -> None:
+    from xrayfm.synth.generate import build_scene, load_ct, prepare_base
+    from xrayfm.synth.geometry import View
+    from xrayfm.synth.scene import region_changes
+
+    def unstable(cfg: SynthConfig) -> int:
+        base = prepare_base(cfg, load_ct(cfg))
+        generate(cfg, base=base)
+        count = 0
+        for lb in read_labels(Path(cfg.out) / "labels.parquet"):
+            view = View(**{k: tuple(v) if isinstance(v, list) else v for k, v in lb.view.items()
+                           if k in View.__dataclass_fields__})
+            count += bool(region_changes(build_scene(base, cfg, lb.view["patient"]), view, 6.0))
+        return count
+
+    kw = {"n": 24, "images_per_study": 6, "screws": (0, 1)}
+    plain = unstable(_cfg(tmp_path / "plain", *ct_files, **kw))
+    margin = unstable(_cfg(tmp_path / "margin", *ct_files, region_margin_px=6.0, **kw))
+    assert plain >= 2 and margin == 0, (plain, margin)
+    assert _hashes(tmp_path / "plain") != _hashes(tmp_path / "margin")

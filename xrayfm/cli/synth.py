@@ -41,6 +41,9 @@ def synth_cmd(
     balance_regions: Annotated[bool, _Opt("--balance-regions/--natural-regions",
                                           help="Draw each image's body region uniformly from those the CT "
                                           "shows, or let the view sampler's natural mix stand.")] = True,
+    region_margin: Annotated[float, _Opt(help="Redraw views whose body region changes when the C-arm moves "
+                                         "this many pixels (0: off): a well-posed region label, without "
+                                         "the borderline views.")] = 0.0,
     spacing: Annotated[str, _Opt(help="Voxel spacing 'x,y,z' mm of a raw .npy/.npz volume.")] = "1,1,1",
     hu_offset: Annotated[float, _Opt(help="Added to raw .npy/.npz values to get HU.")] = 0.0,
     cache: Annotated[str | None, _Opt(help="Demo CT cache folder (default $XRAYFM_CACHE/demo_ct or "
@@ -62,10 +65,12 @@ def synth_cmd(
         raise UserError(f"--spacing {spacing!r}: give three positive numbers like 0.8,0.8,1.5")
     if workers < 1 or images_per_study < 1:
         raise UserError("--workers and --images-per-study must be at least 1")
+    if region_margin < 0:
+        raise UserError(f"--region-margin {region_margin:g}: give 0 (off) or a positive number of pixels")
     cfg = SynthConfig(out=str(out), ct=ct, labels=labels, region=region, n=n, size=size, seed=seed,
                       screws=_screw_range(screws), images_per_study=images_per_study, voxel_mm=voxel_mm,
                       workers=workers, spacing=sp, hu_offset=hu_offset, cache=cache,
-                      balance_regions=balance_regions)  # type: ignore[arg-type]
+                      balance_regions=balance_regions, region_margin_px=region_margin)  # type: ignore[arg-type]
     try:
         with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       transient=True) as bar:

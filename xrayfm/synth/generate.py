@@ -27,7 +27,7 @@ from xrayfm.synth.geometry import View, projection_matrix
 from xrayfm.synth.labels import SynthLabel, decode_mask, encode_mask, write_labels
 from xrayfm.synth.regions import REGIONS, region_index
 from xrayfm.synth.render import PreparedVolume, prepare_volume
-from xrayfm.synth.scene import Scene, render_scene, vertebra_volume, view_region
+from xrayfm.synth.scene import Scene, region_changes, render_scene, vertebra_volume, view_region
 from xrayfm.synth.views import plausible_view, random_exposure
 
 
@@ -49,6 +49,7 @@ class SynthConfig:
     kwire_prob: float = 0.15
     plate_prob: float = 0.1
     balance_regions: bool = True           # draw the region first (uniform over those the CT shows)
+    region_margin_px: float = 0.0          # redraw views whose region a move of this many px changes (0: off)
     workers: int = 1
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)  # raw .npy/.npz only
     hu_offset: float = 0.0                                  # raw .npy/.npz only
@@ -158,10 +159,11 @@ _REGION_GROUPS = {"head": ("skull",), "cervical_spine": ("cervical",), "thoracic
                   "abdomen": ("abdomen",), "pelvis": ("pelvis_bone", "sacrum"), "hip": ("femur",)}
 
 
-def _region_view(scene: Scene, rng: np.random.Generator, wanted: str, size: int, tries: int = 30) -> View:
+def _region_view(scene: Scene, rng: np.random.Generator, wanted: str, size: int, margin_px: float = 0.0,
+                 tries: int = 30) -> View:
     """A plausible view that shows ``wanted``: aimed at the hardware (half the time, when there is
-    some) or at the region's structures, re-drawn until the region rules name ``wanted`` (the
-    last draw is kept when none does)."""
+    some) or at the region's structures, re-drawn until the region rules name ``wanted`` and, with
+    ``margin_px``, still do when the C-arm moves that many pixels (the last draw is kept when none does)."""
     metal = [p for imp in scene.implants if imp.kind == "screw" for p in (imp.head, imp.tip)]
     groups = [scene.group_points[g] for g in _REGION_GROUPS.get(wanted, ()) if len(scene.group_points.get(g, ()))]
     view = None
@@ -174,9 +176,24 @@ def _region_view(scene: Scene, rng: np.random.Generator, wanted: str, size: int,
         else:
             target = _target(scene, rng)
         view = plausible_view(rng, scene.volume, target, size)
-        if view_region(scene, view)[0] == wanted:
+        if view_region(scene, view)[0] == wanted and _stable(scene, view, margin_px):
             break
     assert view is not None
+    return view
+
+
+def _stable(scene: Scene, view: View, margin_px: float) -> bool:
+    return margin_px <= 0 or not region_changes(scene, view, margin_px)
+
+
+def _natural_view(scene: Scene, rng: np.random.Generator, size: int, margin_px: float = 0.0,
+                  tries: int = 30) -> View:
+    """A plausible view aimed by :func:`_target`; with ``margin_px`` re-drawn until its region is
+    stable at that margin (the last draw is kept when none is)."""
+    for _ in range(tries):
+        view = plausible_view(rng, scene.volume, _target(scene, rng), size)
+        if _stable(scene, view, margin_px):
+            break
     return view
 
 
@@ -211,9 +228,10 @@ def render_image(base: _Base, cfg: SynthConfig, index: int, scene: Scene) -> tup
     _, _, patient, series, instance = image_paths(Path(cfg.out), index, cfg)
     rng = np.random.default_rng([cfg.seed, patient, series, instance, 2])
     if cfg.balance_regions and len(base.regions) > 1:
-        view = _region_view(scene, rng, base.regions[int(rng.integers(len(base.regions)))], cfg.size)
+        view = _region_view(scene, rng, base.regions[int(rng.integers(len(base.regions)))], cfg.size,
+                            cfg.region_margin_px)
     else:
-        view = plausible_view(rng, scene.volume, _target(scene, rng), cfg.size)
+        view = _natural_view(scene, rng, cfg.size, cfg.region_margin_px)
     exposure = random_exposure(rng)
     r = render_scene(scene, view, exposure, rng)
     pixels = to_uint16(r.image)

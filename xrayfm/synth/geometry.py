@@ -11,7 +11,7 @@ Pixels follow :mod:`xrayfm.conventions`: the centre of pixel (row i, col j) is (
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -57,6 +57,14 @@ def rotation(view: View) -> np.ndarray:
     u = math.cos(r) * u0 + math.sin(r) * v0
     v = -math.sin(r) * u0 + math.cos(r) * v0
     return np.stack([u, v, d])
+
+
+def shift_isocenter(view: View, px: float, angle: float) -> View:
+    """``view`` with the isocentre moved ``px`` image pixels (at the isocentre plane) along ``angle``
+    (radians, from the image +x axis towards +y) within the detector plane."""
+    u, v, _ = rotation(view)
+    step = px * view.iso_pixel_mm * (math.cos(angle) * u + math.sin(angle) * v)
+    return replace(view, isocenter=tuple(float(a) for a in np.asarray(view.isocenter, dtype=float) + step))
 
 
 def source_position(view: View) -> np.ndarray:

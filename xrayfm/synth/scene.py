@@ -11,7 +11,15 @@ from scipy import ndimage
 
 from xrayfm.io.volume import CTVolume
 from xrayfm.synth.anatomy import Vertebra, label_names
-from xrayfm.synth.geometry import View, collimator_mask, field_mask, pixel_rays, project, projection_matrix
+from xrayfm.synth.geometry import (
+    View,
+    collimator_mask,
+    field_mask,
+    pixel_rays,
+    project,
+    projection_matrix,
+    shift_isocenter,
+)
 from xrayfm.synth.implants import Implant
 from xrayfm.synth.physics import Exposure, expose
 from xrayfm.synth.regions import classify_region, field_coverage
@@ -176,3 +184,14 @@ def view_region(scene: Scene, view: View, exposed: np.ndarray | None = None) -> 
     pts = {g: project(p, w) for g, w in scene.group_points.items()}
     coverage, offset = field_coverage(pts, exposed.astype(np.float32))
     return classify_region(coverage, offset, scene.default_region), coverage
+
+
+def region_changes(scene: Scene, view: View, px: float, directions: int = 8) -> set[str]:
+    """Regions other than ``view``'s own that the rules name when the C-arm moves ``px`` image pixels
+    in any of ``directions`` evenly spread directions of the detector plane: empty when the label
+    is stable at that margin."""
+    exposed = (field_mask(view) > 0.5) & (collimator_mask(view) > 0.5)  # moving the isocentre keeps it
+    own = view_region(scene, view, exposed)[0]
+    moved = {view_region(scene, shift_isocenter(view, px, 2 * math.pi * k / directions), exposed)[0]
+             for k in range(directions)}
+    return moved - {own}
