@@ -10,7 +10,10 @@ last stage) and the global average of every dense level concatenated (ViT: patch
 four blocks feeding the dense heads; ResNet: its four stages). Also, for a ViT: the mean of the
 final patch tokens, it and the CLS concatenated, the CLS tokens of the last four blocks
 concatenated (DINO's linear evaluation of ViT-S) and those plus the patch mean, every token after
-the final norm; for a ResNet: the global average of its last two stages. Each variant is scored on the test split by a linear probe (standardised
+the final norm; for a ResNet: the global average of its last two stages. Both families: ``grid{2,3}_{multilevel,final}``, every
+dense level (or the last) averaged over a 2 x 2 or 3 x 3 grid of the image and concatenated, which
+keeps where structures lie (the region rules look at the spine's distance from the image centre,
+which a global average discards). Each variant is scored on the test split by a linear probe (standardised
 features, multinomial logistic regression, C 0.5) and by weighted kNN (k 20, T 0.07), trained on
 a ``label_subset`` of the labelled train split per fraction.
 """
@@ -59,6 +62,10 @@ def pooled_variants(backbone: torch.nn.Module, items: list[LabeledImage], size: 
                       model.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)]
             parts = {"gap4": stages[-1], "gap34": torch.cat(stages[2:], 1)}
         parts |= {f"xrayfm:{p}": backbone.forward_pooled(raw, p) for p in POOLINGS}
+        dense = backbone.forward_dense(raw)
+        for g in (2, 3):  # where things are, kept: each dense level averaged over a g x g grid
+            parts[f"grid{g}_multilevel"] = torch.cat([F.adaptive_avg_pool2d(m, g).flatten(1) for m in dense], 1)
+            parts[f"grid{g}_final"] = F.adaptive_avg_pool2d(dense[-1], g).flatten(1)
         for k, v in parts.items():
             out.setdefault(k, []).append(v.float().numpy())
     return {k: np.concatenate(v) for k, v in out.items()}
