@@ -16,7 +16,6 @@ reported for the lake's test split (the images the heads are scored on), per cla
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from collections import Counter
@@ -32,13 +31,6 @@ from xrayfm.synth.labels import read_labels
 from xrayfm.synth.scene import region_changes, view_region
 
 RESULTS = Path(__file__).resolve().parent / "results" / "region_label_margin.json"
-_VIEW_FIELDS = {f.name for f in dataclasses.fields(View)}
-
-
-def stored_view(record: dict) -> View:
-    """The :class:`View` a synth label's ``view`` record was rendered with."""
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in _VIEW_FIELDS}
-    return View(**kw)
 
 
 def _summary(rows: list[dict], shifts: list[float]) -> dict:
@@ -78,7 +70,7 @@ def main() -> None:
         patient = int(lab.view["patient"])
         if patient not in scenes:
             scenes = {patient: build_scene(base, cfg, patient)}  # labels come patient by patient
-        scene, view = scenes[patient], stored_view(lab.view)
+        scene, view = scenes[patient], View.from_json_dict(lab.view)
         if view_region(scene, view)[0] != lab.region:
             mismatched += 1
             continue

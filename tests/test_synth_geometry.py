@@ -63,6 +63,8 @@ def test_isocentre_shift_moves_the_image_by_that_many_pixels(params: dict) -> No
         assert np.allclose(seen, [64 - px * np.cos(angle), 64 - px * np.sin(angle)], atol=1e-6), (px, angle, seen)
         assert (moved.lao_deg, moved.cran_deg, moved.roll_deg, moved.size) == \
             (view.lao_deg, view.cran_deg, view.roll_deg, view.size)
+    record = {**view.to_json_dict(), "projection_matrix": projection_matrix(view).tolist(), "dose": 1.0}
+    assert View.from_json_dict(record) == view  # the synth label's record round trip, extra keys ignored
 
 
 def test_ap_view_shows_patient_right_on_image_left() -> None:

@@ -179,8 +179,7 @@ def test_region_margin_keeps_only_views_whose_region_survives_the_move(tmp_path:
         generate(cfg, base=base)
         count = 0
         for lb in read_labels(Path(cfg.out) / "labels.parquet"):
-            view = View(**{k: tuple(v) if isinstance(v, list) else v for k, v in lb.view.items()
-                           if k in View.__dataclass_fields__})
+            view = View.from_json_dict(lb.view)
             count += bool(region_changes(build_scene(base, cfg, lb.view["patient"]), view, 6.0))
         return count
 

@@ -11,7 +11,7 @@ Pixels follow :mod:`xrayfm.conventions`: the centre of pixel (row i, col j) is (
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -43,6 +43,12 @@ class View:
 
     def to_json_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json_dict(cls, record: dict) -> View:
+        """The view a synth label's ``view`` record (``to_json_dict`` plus extra keys) describes."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k in names})
 
 
 def rotation(view: View) -> np.ndarray:
