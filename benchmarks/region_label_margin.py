@@ -21,9 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import yaml
-
-from xrayfm.config import atomic_write_text, versions
+from xrayfm.config import atomic_write_text, load_yaml, versions
 from xrayfm.lake.catalog import query
 from xrayfm.synth.generate import SynthConfig, build_scene, load_ct, prepare_base
 from xrayfm.synth.geometry import View
@@ -35,9 +33,9 @@ RESULTS = Path(__file__).resolve().parent / "results" / "region_label_margin.jso
 
 def _summary(rows: list[dict], shifts: list[float]) -> dict:
     out: dict = {"n": len(rows)}
+    per_class = Counter(r["region"] for r in rows)
     for d in shifts:
         flipped = [r for r in rows if r["flips"][str(d)]]
-        per_class = Counter(r["region"] for r in rows)
         flipped_class = Counter(r["region"] for r in flipped)
         pairs = Counter(f"{r['region']} -> {t}" for r in flipped for t in r["flips"][str(d)])
         out[f"shift_{d:g}px"] = {
@@ -59,18 +57,17 @@ def main() -> None:
     run = Path(args.synth)
     if not (run / "config.yaml").is_file():
         raise SystemExit(f"{run}: no config.yaml; pass the OUT folder of a finished `xrayfm synth` run")
-    raw = yaml.safe_load((run / "config.yaml").read_text())
-    cfg = SynthConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    cfg = load_yaml(SynthConfig, run / "config.yaml")
     shifts = [float(s) for s in args.shifts_px.split(",")]
     t0 = time.time()
     base = prepare_base(cfg, load_ct(cfg))
     labels = read_labels(run / "labels.parquet")
-    rows, scenes, mismatched = [], {}, 0
+    rows, mismatched, patient, scene = [], 0, None, None
     for lab in labels:
-        patient = int(lab.view["patient"])
-        if patient not in scenes:
-            scenes = {patient: build_scene(base, cfg, patient)}  # labels come patient by patient
-        scene, view = scenes[patient], View.from_json_dict(lab.view)
+        if lab.view["patient"] != patient:  # labels come patient by patient: one scene at a time
+            patient = lab.view["patient"]
+            scene = build_scene(base, cfg, int(patient))
+        view = View.from_json_dict(lab.view)
         if view_region(scene, view)[0] != lab.region:
             mismatched += 1
             continue

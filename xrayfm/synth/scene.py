@@ -174,10 +174,15 @@ def render_scene(scene: Scene, view: View, exposure: Exposure, rng: np.random.Ge
                     vertebra_mask=vertebra_mask)
 
 
+def exposed_mask(view: View) -> np.ndarray:
+    """Pixels inside the detector field and the collimator's open beam (bool, size x size)."""
+    return (field_mask(view) > 0.5) & (collimator_mask(view) > 0.5)
+
+
 def view_region(scene: Scene, view: View, exposed: np.ndarray | None = None) -> tuple[str, dict[str, float]]:
     """Body region (and group coverages) that ``view`` shows; cheap: projects the group points only."""
     if exposed is None:
-        exposed = (field_mask(view) > 0.5) & (collimator_mask(view) > 0.5)
+        exposed = exposed_mask(view)
     if not scene.group_points:
         return scene.default_region, {}
     p = projection_matrix(view)
@@ -190,7 +195,7 @@ def region_changes(scene: Scene, view: View, px: float, directions: int = 8) -> 
     """Regions other than ``view``'s own that the rules name when the C-arm moves ``px`` image pixels
     in any of ``directions`` evenly spread directions of the detector plane: empty when the label
     is stable at that margin."""
-    exposed = (field_mask(view) > 0.5) & (collimator_mask(view) > 0.5)  # moving the isocentre keeps it
+    exposed = exposed_mask(view)  # moving the isocentre keeps it
     own = view_region(scene, view, exposed)[0]
     moved = {view_region(scene, shift_isocenter(view, px, 2 * math.pi * k / directions), exposed)[0]
              for k in range(directions)}
