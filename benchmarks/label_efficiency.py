@@ -47,7 +47,7 @@ KEYS = {"classify": ("accuracy", "recall_macro", "top3_accuracy"),
         "segment": ("dice_mean", "dice_positive_mean", "iou_mean", "empty_fp_rate"),
         "detect": ("precision", "recall", "ap", "head_error_px", "tip_error_px", "angle_error_deg",
                    "angle_error_median_deg", "reversed_rate", "recall_by_length_px", "angle_by_length_px",
-                   "missed_near")}
+                   "missed_near", "superimposed")}
 
 
 def _epochs(n_items: int, batch: int, steps: int, lo: int, hi: int) -> int:

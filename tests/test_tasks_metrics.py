@@ -150,6 +150,20 @@ def test_reversed_short_screw_counts_in_mean_not_median() -> None:
     assert by_len["10-20"] == {"n": 0, "mean_deg": None, "median_deg": None, "reversed_rate": None}
 
 
+def test_superimposed_screws_are_counted_and_their_recall_reported() -> None:
+    # two screws 4 px apart (a lateral view's left and right pedicle screws), a third far away;
+    # one prediction lies on the pair and can match only one of them
+    trues = [[_s((0, 0), (30, 0)), _s((0, 4), (30, 4)), _s((60, 60), (90, 60))], [_s((0, 0), (30, 0))]]
+    preds = [[_s((0, 2), (30, 2), 0.9), _s((60, 61), (90, 61), 0.8)], [_s((0, 0), (30, 0), 0.9)]]
+    r = M.detection_metrics(preds, trues)
+    assert r["superimposed"] == {"n": 2, "recall": 0.5}
+    assert r["recall"] == pytest.approx(3 / 4)
+    # 12 px apart: beyond a 10 px matching distance they are two separate screws, within 15 px not
+    apart = [[_s((0, 0), (30, 0)), _s((0, 12), (30, 12))]]
+    assert M.detection_metrics([[]], apart)["superimposed"] == {"n": 0, "recall": None}
+    assert M.detection_metrics([[]], apart, max_dist=15)["superimposed"] == {"n": 2, "recall": 0.0}
+
+
 def test_score_threshold_sets_operating_point_but_not_ap() -> None:
     trues = [[_s((0, 0), (20, 0)), _s((0, 30), (20, 30))]]
     preds = [[_s((0, 1), (20, 1), 0.9), _s((0, 31), (20, 31), 0.2), _s((50, 50), (60, 60), 0.1)]]

@@ -107,7 +107,8 @@ def train_cmd(
                                            "detect and segment_vertebrae 4].")] = None,
     image_skip: Annotated[bool | None, _Opt("--image-skip/--no-image-skip", help="Segment/detect heads also "
                                             "read the input image at their output stride (thin metal "
-                                            "edges); default on for segment, off for the others.")] = None,
+                                            "edges, screw ends); default on for segment and detect, off for "
+                                            "segment_vertebrae.")] = None,
     tune_threshold: Annotated[bool | None, _Opt("--tune-threshold/--no-tune-threshold",
                                                 help="Choose the mask probability (segment) or screw score "
                                                 "(detect) threshold that maximises val Dice / F1; default on.")] = None,

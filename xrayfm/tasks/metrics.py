@@ -360,6 +360,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
     lengths: list[float] = []  # of every true screw, and whether it was found
     found: list[bool] = []
     missed_near = 0  # missed true screws with a kept prediction's head or tip within max_dist of an end
+    superimposed: list[bool] = []  # per true screw: another one lies on it (see _superimposed)
     for i, (p, t) in enumerate(zip(preds, trues)):
         sp = _spacing_rc(spacings[i]) if spacings is not None else None
         p = [s for s in p if float(s["score"]) >= score_threshold]
@@ -367,6 +368,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
         hit = {ti for _, ti, _ in matches}
         lengths += [float(np.linalg.norm(np.subtract(s["tip"], s["head"]))) for s in t]
         found += [j in hit for j in range(len(t))]
+        superimposed += _superimposed(t, max_dist)
         ends = np.asarray([s[k] for s in p for k in ("head", "tip")], float).reshape(-1, 2)
         for j in set(range(len(t))) - hit:
             te = np.asarray([t[j]["head"], t[j]["tip"]], float)
@@ -412,7 +414,24 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
         "recall_by_length_px": _recall_by_length(np.asarray(lengths), np.asarray(found, dtype=bool)),
         "angle_by_length_px": _angle_by_length(np.asarray(ang_len), np.asarray(ang)),
         "missed_near": missed_near,
+        "superimposed": _recall_of(np.asarray(found, dtype=bool), np.asarray(superimposed, dtype=bool)),
     }
+
+
+def _superimposed(trues: Sequence[dict[str, Any]], max_dist: float) -> list[bool]:
+    """Per true screw of one image: does another one lie within the matching distance of it
+    (:func:`screw_distances` ``<= max_dist``), so that one prediction can match either? The left
+    and right pedicle screws of a vertebra do on a lateral view."""
+    if len(trues) < 2:
+        return [False] * len(trues)
+    d = screw_distances(trues, trues)
+    np.fill_diagonal(d, np.inf)
+    return [bool(v) for v in (d <= max_dist).any(axis=1)]
+
+
+def _recall_of(found: np.ndarray, inside: np.ndarray) -> dict[str, Any]:
+    """``{"n", "recall"}`` of the true screws selected by ``inside`` (recall None when there are none)."""
+    return {"n": int(inside.sum()), "recall": float(found[inside].mean()) if inside.any() else None}
 
 
 LENGTH_BINS_PX = (0.0, 10.0, 20.0, 40.0, float("inf"))
@@ -428,8 +447,7 @@ def _length_bins(lengths: np.ndarray) -> list[tuple[str, np.ndarray]]:
 def _recall_by_length(lengths: np.ndarray, found: np.ndarray) -> dict[str, dict[str, Any]]:
     """Recall of the true screws in each head-tip length bin of :data:`LENGTH_BINS_PX` (px):
     ``{"0-10": {"n": ..., "recall": ... or None}, ..., "40+": ...}``."""
-    return {name: {"n": int(inside.sum()), "recall": float(found[inside].mean()) if inside.any() else None}
-            for name, inside in _length_bins(lengths)}
+    return {name: _recall_of(found, inside) for name, inside in _length_bins(lengths)}
 
 
 def _angle_by_length(lengths: np.ndarray, errors: np.ndarray) -> dict[str, dict[str, Any]]:
