@@ -10,7 +10,8 @@ from xrayfm.models.backbones import create_backbone
 from xrayfm.models.heads import DETECTION_CHANNELS, create_head, head_info, head_reads_image, list_heads
 from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import LabeledImage
-from xrayfm.tasks.detect import decode_screws, encode_screws, truths
+from xrayfm.tasks.detect import decode_screws, encode_screws, superimposed_screws, truths
+from xrayfm.tasks.metrics import detection_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,10 +35,11 @@ def test_head_output_shapes(arch: str, backbones: dict) -> None:
         assert head(pooled).shape == (2, 11)
     seg = create_head("seg_decoder", bb.embed_dim, bb.dense_channels, bb.dense_strides)
     assert seg(dense, size=(64, 96)).shape == (2, 1, 64, 96)
-    det = create_head("screw_keypoints", bb.embed_dim, bb.dense_channels, bb.dense_strides)
+    det = create_head("screw_keypoints", bb.embed_dim, bb.dense_channels, bb.dense_strides, superimposed=True)
     assert det(dense).shape == (2, len(DETECTION_CHANNELS), 16, 24)
     det2 = create_head("screw_keypoints", bb.embed_dim, bb.dense_channels, bb.dense_strides, out_stride=2)
-    assert det2.stride == 2 and det2(dense).shape == (2, len(DETECTION_CHANNELS), 32, 48)
+    # without the superimposed heatmap (bundles from before it): the first 11 channels
+    assert det2.stride == 2 and det2(dense).shape == (2, len(DETECTION_CHANNELS) - 1, 32, 48)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -58,7 +60,7 @@ def test_image_skip_heads(arch: str, stride: int, backbones: dict) -> None:
         y_other = seg([*dense, image.flip(-1)], size=(64, 96))
     assert y.shape == (2, 1, 64, 96) and not torch.allclose(y, y_other)
     det = create_head("screw_keypoints", bb.embed_dim, bb.dense_channels, bb.dense_strides, out_stride=stride,
-                      image_skip=True)
+                      image_skip=True, superimposed=True)
     assert det([*dense, image]).shape == (2, len(DETECTION_CHANNELS), 64 // stride, 96 // stride)
     with pytest.raises(ValueError, match="plus the input image"):
         det(dense)
@@ -73,8 +75,9 @@ def test_registry() -> None:
 
 
 def _logits_from_targets(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Targets as the head's perfect output: head/tip heatmaps, regressions, superimposed heatmap."""
     heat = torch.logit(t["heat"].clamp(1e-6, 1 - 1e-6))
-    return torch.cat([heat, t["reg"]])[None]
+    return torch.cat([heat[:2], t["reg"], heat[2:]])[None]
 
 
 def test_stride2_grid_separates_ends_that_share_a_stride4_cell() -> None:
@@ -94,6 +97,30 @@ def test_stride2_grid_separates_ends_that_share_a_stride4_cell() -> None:
         np.testing.assert_allclose(g["tip"], s["tip"], atol=1e-4)
     with pytest.raises(ValueError, match="does not divide the input size"):
         task.predict(out, [LabeledImage(np.zeros((64, 64), np.float32), "a")], (60, 60))
+
+
+def test_superimposed_screws_get_their_own_heatmap_and_a_copy() -> None:
+    # the same two screws 2.4 px apart plus one far away: the superimposed heatmap peaks at the
+    # pair's shared head cell only, and decoding it returns the pair as two screws
+    screws = [{"head": [28.5, 29.0], "tip": [60.0, 20.0]}, {"head": [30.9, 29.5], "tip": [62.1, 20.8]},
+              {"head": [8.0, 50.0], "tip": [30.0, 58.0]}]
+    assert superimposed_screws(screws, 4) == [True, True, False]
+    t = encode_screws(screws, 64, 64, superimposed=True)
+    assert t["heat"].shape == (3, 16, 16) and t["heat"][2].eq(1.0).nonzero().tolist() == [[7, 7]]
+    got = decode_screws(_logits_from_targets(t), threshold=0.5)[0]
+    assert len(got) == 3 and all(g["score"] == pytest.approx(1.0, abs=1e-5) for g in got)
+    assert sum(bool(g.get("superimposed")) for g in got) == 1
+    m = detection_metrics([got], [screws], max_dist=3.0)
+    assert (m["recall"], m["precision"], m["superimposed"]) == (1.0, 1.0, {"n": 2, "recall": 1.0})
+    # at stride 2 the two have peaks of their own: no copy on top of them
+    t2 = encode_screws(screws, 64, 64, stride=2, superimposed=True)
+    assert t2["heat"][2].eq(1.0).sum() == 2
+    assert len(decode_screws(_logits_from_targets(t2), threshold=0.5, stride=2)[0]) == 3
+    # a weak superimposed response: the copy scores it and the threshold decides
+    t["heat"][2] *= 0.4
+    low = decode_screws(_logits_from_targets(t), threshold=0.3)[0]
+    assert sorted(round(g["score"], 4) for g in low) == [0.4, 1.0, 1.0]
+    assert len(decode_screws(_logits_from_targets(t), threshold=0.5)[0]) == 2
 
 
 def test_decode_recovers_ground_truth_exactly() -> None:

@@ -127,7 +127,7 @@ class Backbone(nn.Module):
     dense_channels: list[int]
     dense_strides: list[int]
     dense_indices: list[int]         # the timm block / stage behind each dense map
-    # what pooled heads read unless told otherwise (docs/heads.md "Which pooled feature")
+    # what pooled heads read unless told otherwise (docs/heads-experiments.md "Which pooled feature")
     default_pool: str = "final"
 
     def __init__(self, arch: str, model: nn.Module, input_norm: str = "fixed") -> None:

@@ -5,8 +5,9 @@ multi-scale dense maps ``[(B, C_i, H/s_i, W/s_i)]`` (``input_kind = "dense"``) a
 
 - ``linear`` / ``mlp`` (classification): ``(B, num_classes)``.
 - ``seg_decoder`` (segmentation): ``(B, num_classes, H, W)`` at the input size.
-- ``screw_keypoints`` (screw detection): ``(B, 11, H/s, W/s)`` maps (``out_stride`` s, 4 by default), channels as in
-  :data:`DETECTION_CHANNELS`; :mod:`xrayfm.tasks.detect` encodes targets and decodes screws.
+- ``screw_keypoints`` (screw detection): ``(B, 12, H/s, W/s)`` maps (``out_stride`` s, 4 by default), channels as in
+  :data:`DETECTION_CHANNELS` (11 in bundles from before ``superimposed``); :mod:`xrayfm.tasks.detect` encodes
+  targets and decodes screws.
 
 Both dense heads share :class:`ProgressiveDecoder`: every backbone map is projected to a common
 width by a 1×1 conv and group-normalised, maps of equal stride are summed, and the coarsest map is upsampled ×2 step by
@@ -29,8 +30,10 @@ from torch import Tensor, nn
 from xrayfm.models.backbones import POOLINGS
 
 DETECTION_CHANNELS = ("heat_head", "heat_tip", "head_off_x", "head_off_y", "tip_off_x", "tip_off_y",
-                      "head_to_tip_x", "head_to_tip_y", "tip_to_head_x", "tip_to_head_y", "box_pad")
-N_HEATMAPS = 2
+                      "head_to_tip_x", "head_to_tip_y", "tip_to_head_x", "tip_to_head_y", "box_pad",
+                      "heat_superimposed")
+N_HEATMAPS = 2      # the first channels: screw heads and tips
+N_REGRESSIONS = 9   # then offsets, vectors and the box margin; last the superimposed-screw heatmap
 
 _HEADS: dict[str, tuple[str, str, Callable[..., nn.Module]]] = {}
 
@@ -99,7 +102,7 @@ class FeatureStandardize(nn.Module):
     Frozen self-supervised features put most of their variance in a few directions, so the
     LayerNorm alone leaves the other features badly scaled; scaling each feature by its spread over
     the training set (what scikit-learn's ``StandardScaler`` does before a linear probe) conditions
-    the head better. ``benchmarks/classify_head_norm.py`` (docs/heads.md): at 100 % of the labels
+    the head better. ``benchmarks/classify_head_norm.py`` (docs/heads-experiments.md): at 100 % of the labels
     +5.6 points of region accuracy for a DINO ViT-tiny and +1.9 for a DINO ResNet-18 over the
     LayerNorm alone; at 1 % and 10 % within a seed's noise of it or better.
     """
@@ -204,7 +207,7 @@ class ProgressiveDecoder(nn.Module):
 
     Down to stride 4 every step has ``width`` channels; each ×2 step below stride 4 halves them
     (at least 16), which keeps the finer maps' convolutions affordable (a stride-1 head with the
-    image still trains ~10x slower than a stride-4 one on a CPU thread, docs/heads.md). With
+    image still trains ~10x slower than a stride-4 one on a CPU thread, docs/heads-experiments.md). With
     ``image_skip`` the (normalised) input image is the last element of ``feats``: a small conv
     stem reads it at full resolution and joins the map at ``out_stride``, before the last block,
     so edges the backbone's coarse maps lose (thin metal) reach the output.
@@ -308,26 +311,32 @@ class SegmentationHead(nn.Module):
 class KeypointHead(nn.Module):
     """Screw keypoint head at ``out_stride`` (4; 2 separates screws whose ends lie a few pixels
     apart): heatmap logits for screw heads and tips, sub-cell offsets, the vector from each head
-    to its tip and back, and a box margin (regressions in stride units)."""
+    to its tip and back, and a box margin (regressions in stride units). With ``superimposed`` a
+    last heatmap marks the heads of screws that lie on another one (a lateral view's left and
+    right pedicle screws), which one head-tip peak pair cannot tell apart."""
 
     def __init__(self, dense_channels: Sequence[int], dense_strides: Sequence[int], width: int = 64,
-                 heat_prior: float = 0.01, out_stride: int = 4, image_skip: bool = False) -> None:
+                 heat_prior: float = 0.01, out_stride: int = 4, image_skip: bool = False,
+                 superimposed: bool = False) -> None:
         super().__init__()
         if min(dense_strides) < out_stride:
             raise ValueError(f"detector needs backbone maps at stride >= {out_stride}, got {min(dense_strides)}")
         self.stride = out_stride
         self.image_skip = image_skip
+        self.superimposed = superimposed
         self.decoder = ProgressiveDecoder(dense_channels, dense_strides, width, out_stride=out_stride,
                                           image_skip=image_skip)
         c = self.decoder.out_channels
-        self.heat = nn.Sequential(_conv_block(c, c), nn.Conv2d(c, N_HEATMAPS, 1))
-        self.regress = nn.Sequential(_conv_block(c, c), nn.Conv2d(c, len(DETECTION_CHANNELS) - N_HEATMAPS, 1))
+        n_heat = N_HEATMAPS + int(superimposed)
+        self.heat = nn.Sequential(_conv_block(c, c), nn.Conv2d(c, n_heat, 1))
+        self.regress = nn.Sequential(_conv_block(c, c), nn.Conv2d(c, N_REGRESSIONS, 1))
         # Start with a low keypoint probability everywhere so the focal loss is stable (CenterNet).
         nn.init.constant_(self.heat[-1].bias, float(torch.logit(torch.tensor(heat_prior))))
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         x = self.decoder(feats)
-        return torch.cat([self.heat(x), self.regress(x)], dim=1)
+        heat = self.heat(x)
+        return torch.cat([heat[:, :N_HEATMAPS], self.regress(x), heat[:, N_HEATMAPS:]], dim=1)
 
 
 @register_head("linear", task="classify", input_kind="pooled")
@@ -349,5 +358,7 @@ def _seg(dense_channels: list[int], dense_strides: list[int], num_classes: int =
 
 @register_head("screw_keypoints", task="detect", input_kind="dense")
 def _screw_keypoints(dense_channels: list[int], dense_strides: list[int], width: int = 64,
-                     out_stride: int = 4, image_skip: bool = False, **_: Any) -> nn.Module:
-    return KeypointHead(dense_channels, dense_strides, width, out_stride=out_stride, image_skip=image_skip)
+                     out_stride: int = 4, image_skip: bool = False, superimposed: bool = False,
+                     **_: Any) -> nn.Module:
+    return KeypointHead(dense_channels, dense_strides, width, out_stride=out_stride, image_skip=image_skip,
+                        superimposed=superimposed)

@@ -9,6 +9,10 @@ carries the tip's offset and the vector ``(head - tip) / s``. Heatmap targets ar
 collimator blade, outside the image-intensifier circle) gets neither; such truncated screws are
 ``ignore`` in the metrics (:func:`truths`).
 
+Screws that lie on one another (mean head and tip distance within :data:`SUPERIMPOSED_CELLS`
+cells: the left and right pedicle screws of a vertebra on a lateral view) share their peaks; a
+head built with ``superimposed`` has a third heatmap, 1 at the head cell of each such screw.
+
 Decoding: 3×3 local maxima above ``threshold`` in each heatmap are head and tip candidates.
 Each head predicts where its tip is and each tip where its head is; heads and tips are paired
 one-to-one by the Hungarian algorithm on the mean of the two prediction errors, gated at
@@ -16,7 +20,10 @@ one-to-one by the Hungarian algorithm on the mean of the two prediction errors, 
 probabilities; an unpaired head (or tip) keeps the point it predicts for its partner and scores
 ``peak ** 0.85 * partner ** 0.15``, partner = the other heatmap at that point
 (:data:`PARTNER_WEIGHT`). Each screw has ``score``, ``head``, ``tip``, ``box``, ``angle_deg``
-(head -> tip, conventions) and ``length_px``. Endpoints
+(head -> tip, conventions) and ``length_px``. Where the superimposed heatmap ``q`` (at a screw's
+head cell) says a second screw lies on a decoded one and no other decoded screw
+scoring at least ``q`` is within :data:`SUPERIMPOSED_CELLS`, a copy of it scoring ``q`` (and
+``superimposed: True``) is added. Endpoints
 are local features, so crossing screws and screws sharing a midpoint stay separate; two heads in
 one stride cell merge (the later label wins the cell).
 """
@@ -34,7 +41,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from xrayfm.conventions import direction_deg
-from xrayfm.models.heads import N_HEATMAPS
+from xrayfm.models.heads import N_HEATMAPS, N_REGRESSIONS
 from xrayfm.tasks.base import HeadTask, register_task
 from xrayfm.tasks.data import LabeledImage, endpoint_visible, scale_screw, screw_detectable
 from xrayfm.tasks.metrics import detection_metrics, f1_operating_point
@@ -45,6 +52,10 @@ CANDIDATE_THRESHOLD = 0.05  # lowest heatmap peak that competes in the head-tip 
 # end says its partner is. w 0.5 (the geometric mean, as for pairs) ranked correct screws with a
 # faint far end below false pairs; w = 0.15 was chosen on the val split ("Scoring an unpaired end").
 PARTNER_WEIGHT = 0.15
+# Two screws closer than this (mean head and tip distance, grid cells) share their peaks: 2.5 cells
+# is the 10-px matching radius of the 128-px benchmark at stride 4, within which 29 % of its test
+# screws have a twin (docs/heads-experiments.md "Superimposed screws").
+SUPERIMPOSED_CELLS = 2.5
 # Regression channels (after the 2 heatmaps) owned by the head cell and by the tip cell.
 HEAD_REG = [0, 1, 4, 5, 8]   # head offset x/y, head->tip x/y, box margin
 TIP_REG = [2, 3, 6, 7]       # tip offset x/y, tip->head x/y
@@ -58,17 +69,38 @@ def _box_margin(s: dict[str, Any]) -> float:
     return float(np.mean([min(hx, tx) - x0, min(hy, ty) - y0, x1 - max(hx, tx), y1 - max(hy, ty)]))
 
 
+def _screw_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Mean of the head and tip distances (px), as the metrics match screws."""
+    return float(np.linalg.norm(np.subtract(a["head"], b["head"])) + np.linalg.norm(np.subtract(a["tip"], b["tip"]))) / 2
+
+
+def superimposed_screws(screws: Sequence[dict[str, Any]], stride: int) -> list[bool]:
+    """Per screw: does another one lie within :data:`SUPERIMPOSED_CELLS` grid cells of it?"""
+    radius = SUPERIMPOSED_CELLS * stride
+    return [any(o is not s and _screw_distance(o, s) <= radius for o in screws) for s in screws]
+
+
+def _gaussian(xs: Tensor, ys: Tensor, j: int, i: int) -> Tensor:
+    return torch.exp(-((xs - j) ** 2 + (ys - i) ** 2) / 2.0)
+
+
 def encode_screws(screws: Sequence[dict[str, Any]], height: int, width: int,
-                  stride: int = STRIDE) -> dict[str, Tensor]:
-    """Targets for one image: ``heat (2, h, w)``, ``reg (9, h, w)``, ``reg_mask (9, h, w)``. Only
-    visible ends (:func:`~xrayfm.tasks.data.endpoint_visible`) get a peak and their cell's
-    regressions; a visible end still points at its hidden partner."""
+                  stride: int = STRIDE, superimposed: bool = False) -> dict[str, Tensor]:
+    """Targets for one image: ``heat (2, h, w)`` (3 with ``superimposed``), ``reg (9, h, w)``,
+    ``reg_mask (9, h, w)``. Only visible ends (:func:`~xrayfm.tasks.data.endpoint_visible`) get
+    a peak and their cell's regressions; a visible end still points at its hidden partner."""
     h, w = math.ceil(height / stride), math.ceil(width / stride)
-    heat = torch.zeros(N_HEATMAPS, h, w)
-    reg = torch.zeros(9, h, w)
-    mask = torch.zeros(9, h, w)
+    heat = torch.zeros(N_HEATMAPS + int(superimposed), h, w)
+    reg = torch.zeros(N_REGRESSIONS, h, w)
+    mask = torch.zeros(N_REGRESSIONS, h, w)
     ys = torch.arange(h, dtype=torch.float32)[:, None]
     xs = torch.arange(w, dtype=torch.float32)[None, :]
+    if superimposed:
+        visible = [s for s in screws if endpoint_visible(s, "head", height, width)]
+        for s, on_another in zip(visible, superimposed_screws(visible, stride)):
+            if on_another:
+                j, i = int(s["head"][0] // stride), int(s["head"][1] // stride)
+                heat[N_HEATMAPS] = torch.maximum(heat[N_HEATMAPS], _gaussian(xs, ys, j, i))
     for s in screws:
         head, tip = np.asarray(s["head"], np.float64), np.asarray(s["tip"], np.float64)
         v = (tip - head) / stride
@@ -77,7 +109,7 @@ def encode_screws(screws: Sequence[dict[str, Any]], height: int, width: int,
             if not endpoint_visible(s, end, height, width):
                 continue
             j, i = int(p[0] // stride), int(p[1] // stride)
-            heat[k] = torch.maximum(heat[k], torch.exp(-((xs - j) ** 2 + (ys - i) ** 2) / 2.0))
+            heat[k] = torch.maximum(heat[k], _gaussian(xs, ys, j, i))
             for ch, val in zip(chans, [*(p / stride - (j + 0.5, i + 0.5)), *rest]):
                 reg[ch, i, j], mask[ch, i, j] = float(val), 1.0
     return {"heat": heat, "reg": reg, "reg_mask": mask}
@@ -94,12 +126,15 @@ def focal_heatmap_loss(logits: Tensor, target: Tensor, alpha: float = 2.0, beta:
 
 
 def detection_loss(out: Tensor, targets: dict[str, Tensor], vector_weight: float = 0.1) -> Tensor:
-    """Focal loss on both heatmaps + L1 on offsets (weight 1) and vectors/margin (``vector_weight``)."""
-    focal = focal_heatmap_loss(out[:, :N_HEATMAPS], targets["heat"])
+    """Focal loss on the heatmaps (head, tip and, when the head has it, superimposed: one loss
+    normalised by all their peaks, so the rare superimposed peaks weigh as what they are) + L1 on
+    offsets (weight 1) and vectors/margin (``vector_weight``)."""
+    heat_logits = torch.cat([out[:, :N_HEATMAPS], out[:, N_HEATMAPS + N_REGRESSIONS:]], dim=1)
+    focal = focal_heatmap_loss(heat_logits, targets["heat"])
     m = targets["reg_mask"]
-    weights = torch.full((9,), vector_weight, device=out.device)
+    weights = torch.full((N_REGRESSIONS,), vector_weight, device=out.device)
     weights[[0, 1, 2, 3]] = 1.0
-    l1 = (out[:, N_HEATMAPS:] - targets["reg"]).abs() * m * weights[None, :, None, None]
+    l1 = (out[:, N_HEATMAPS:N_HEATMAPS + N_REGRESSIONS] - targets["reg"]).abs() * m * weights[None, :, None, None]
     return focal + l1.sum() / m[:, :1].sum().clamp(min=1.0) / 2
 
 
@@ -124,7 +159,7 @@ def _screw(head: np.ndarray, tip: np.ndarray, score: float, margin: float) -> di
 
 def _decode_one(out: Tensor, threshold: float, stride: int, partner_weight: float) -> list[dict[str, Any]]:
     heat = torch.sigmoid(out[:N_HEATMAPS].float())
-    reg = out[N_HEATMAPS:].double().numpy()
+    reg = out[N_HEATMAPS:N_HEATMAPS + N_REGRESSIONS].double().numpy()
     (hc, hs), (tc, ts) = _peaks(heat[0], threshold), _peaks(heat[1], threshold)
 
     def at(cells: np.ndarray, chans: list[int]) -> np.ndarray:
@@ -156,14 +191,31 @@ def _decode_one(out: Tensor, threshold: float, stride: int, partner_weight: floa
         score = float(ts[b] ** (1 - w) * _sample(heat[0], t2h[b], stride) ** w)
         if score >= threshold:
             screws.append(_screw(t2h[b], tp[b], score, 0.0))
+    if out.shape[0] > N_HEATMAPS + N_REGRESSIONS:
+        screws += _superimposed_copies(screws, torch.sigmoid(out[N_HEATMAPS + N_REGRESSIONS].float()), threshold, stride)
     return sorted(screws, key=lambda s: -s["score"])
+
+
+def _superimposed_copies(screws: list[dict[str, Any]], heat: Tensor, threshold: float,
+                         stride: int) -> list[dict[str, Any]]:
+    """A copy of each decoded screw that the superimposed heatmap says lies on a second one,
+    unless another decoded screw at least as likely is already there; it scores the heatmap and
+    carries ``superimposed: True``."""
+    radius = SUPERIMPOSED_CELLS * stride
+    copies = []
+    for s in screws:
+        q = _sample(heat, np.asarray(s["head"]), stride)
+        if q >= threshold and not any(o is not s and o["score"] >= q and _screw_distance(o, s) <= radius
+                                      for o in screws):
+            copies.append({**s, "score": q, "superimposed": True})
+    return copies
 
 
 @torch.no_grad()
 def decode_screws(out: Tensor, threshold: float = 0.3, max_screws: int = 50, stride: int = STRIDE,
                   candidates: float = CANDIDATE_THRESHOLD,
                   partner_weight: float = PARTNER_WEIGHT) -> list[list[dict[str, Any]]]:
-    """Head output ``(B, 11, h, w)`` -> per image, screws scoring ``>= threshold`` in input
+    """Head output ``(B, 12, h, w)`` (11 without the superimposed heatmap) -> per image, screws scoring ``>= threshold`` in input
     pixels, best score first. Peaks down to ``min(candidates, threshold)`` take part in the
     pairing, so a screw kept at one threshold is the same screw at any other: what ``evaluate``
     measures at an operating point is what ``predict`` returns there."""
@@ -204,7 +256,7 @@ class DetectTask(HeadTask):
     default_head = "screw_keypoints"
     input_kind = "dense"
     # stride 4 reading the input image: +2-3 points of AP on the 1,416-image lake (two seeds) and
-    # on the 180-image demo lake (three seeds), for about twice the head's step (docs/heads.md
+    # on the 180-image demo lake (three seeds), for about twice the head's step (docs/heads-experiments.md
     # "Screws reading the image")
     default_image_skip = True
 
@@ -217,15 +269,21 @@ class DetectTask(HeadTask):
         self.max_dist = max_dist
         self.ap_threshold = min(ap_threshold, threshold)
         self.stride = STRIDE
+        self.superimposed = True
+
+    def head_kwargs(self) -> dict[str, Any]:
+        return {"superimposed": True}
 
     def bind_head(self, head: nn.Module) -> None:
         self.stride = int(head.stride)  # type: ignore[arg-type]
+        self.superimposed = bool(getattr(head, "superimposed", False))
 
     def has_label(self, item: LabeledImage) -> bool:
         return item.screws is not None
 
     def targets(self, items: Sequence[LabeledImage]) -> dict[str, Tensor]:
-        enc = [encode_screws(it.screws or [], *it.size, stride=self.stride) for it in items]
+        enc = [encode_screws(it.screws or [], *it.size, stride=self.stride, superimposed=self.superimposed)
+               for it in items]
         return {k: torch.stack([e[k] for e in enc]) for k in enc[0]}
 
     def loss(self, out: Tensor, targets: dict[str, Tensor]) -> Tensor:

@@ -60,12 +60,12 @@ class SegmentTask(HeadTask):
     default_head = "seg_decoder"
     input_kind = "dense"
     # thin metal: stride 2 reading the input image, +6.6 points of Dice on metal images over
-    # stride 4 for about 4x the head's step time (docs/heads.md "Fine metal masks")
+    # stride 4 for about 4x the head's step time (docs/heads-experiments.md "Fine metal masks")
     default_out_stride = 2
     default_image_skip = True
     TUNE_GRID = tuple(round(0.1 + 0.05 * i, 2) for i in range(18))  # 0.1 ... 0.95
     # smallest kept component, a fraction of the image area (at 256 px: 0, 7, 13, 33, 66, 131 px);
-    # larger ones won on 180 training images but deleted real screws on 1,416 (docs/heads.md
+    # larger ones won on 180 training images but deleted real screws on 1,416 (docs/heads-experiments.md
     # "Dropping small components")
     MIN_AREA_GRID = (0.0, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3)
 
