@@ -10,8 +10,8 @@ from xrayfm.models.backbones import create_backbone
 from xrayfm.models.heads import DETECTION_CHANNELS, create_head, head_info, head_reads_image, list_heads
 from xrayfm.tasks.base import get_task
 from xrayfm.tasks.data import LabeledImage
-from xrayfm.tasks.detect import decode_screws, encode_screws, superimposed_screws, truths
-from xrayfm.tasks.metrics import detection_metrics
+from xrayfm.tasks.detect import decode_screws, encode_screws, truths
+from xrayfm.tasks.metrics import detection_metrics, superimposed_screws
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -104,7 +104,7 @@ def test_superimposed_screws_get_their_own_heatmap_and_a_copy() -> None:
     # pair's shared head cell only, and decoding it returns the pair as two screws
     screws = [{"head": [28.5, 29.0], "tip": [60.0, 20.0]}, {"head": [30.9, 29.5], "tip": [62.1, 20.8]},
               {"head": [8.0, 50.0], "tip": [30.0, 58.0]}]
-    assert superimposed_screws(screws, 4) == [True, True, False]
+    assert superimposed_screws(screws, 10.0) == [True, True, False]
     t = encode_screws(screws, 64, 64, superimposed=True)
     assert t["heat"].shape == (3, 16, 16) and t["heat"][2].eq(1.0).nonzero().tolist() == [[7, 7]]
     got = decode_screws(_logits_from_targets(t), threshold=0.5)[0]

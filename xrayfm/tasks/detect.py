@@ -44,7 +44,7 @@ from xrayfm.conventions import direction_deg
 from xrayfm.models.heads import N_HEATMAPS, N_REGRESSIONS
 from xrayfm.tasks.base import HeadTask, register_task
 from xrayfm.tasks.data import LabeledImage, endpoint_visible, scale_screw, screw_detectable
-from xrayfm.tasks.metrics import detection_metrics, f1_operating_point
+from xrayfm.tasks.metrics import detection_metrics, f1_operating_point, screw_distances, superimposed_screws
 
 STRIDE = 4  # the screw_keypoints head's default grid stride
 CANDIDATE_THRESHOLD = 0.05  # lowest heatmap peak that competes in the head-tip pairing
@@ -69,17 +69,6 @@ def _box_margin(s: dict[str, Any]) -> float:
     return float(np.mean([min(hx, tx) - x0, min(hy, ty) - y0, x1 - max(hx, tx), y1 - max(hy, ty)]))
 
 
-def _screw_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
-    """Mean of the head and tip distances (px), as the metrics match screws."""
-    return float(np.linalg.norm(np.subtract(a["head"], b["head"])) + np.linalg.norm(np.subtract(a["tip"], b["tip"]))) / 2
-
-
-def superimposed_screws(screws: Sequence[dict[str, Any]], stride: int) -> list[bool]:
-    """Per screw: does another one lie within :data:`SUPERIMPOSED_CELLS` grid cells of it?"""
-    radius = SUPERIMPOSED_CELLS * stride
-    return [any(o is not s and _screw_distance(o, s) <= radius for o in screws) for s in screws]
-
-
 def _gaussian(xs: Tensor, ys: Tensor, j: int, i: int) -> Tensor:
     return torch.exp(-((xs - j) ** 2 + (ys - i) ** 2) / 2.0)
 
@@ -97,7 +86,7 @@ def encode_screws(screws: Sequence[dict[str, Any]], height: int, width: int,
     xs = torch.arange(w, dtype=torch.float32)[None, :]
     if superimposed:
         visible = [s for s in screws if endpoint_visible(s, "head", height, width)]
-        for s, on_another in zip(visible, superimposed_screws(visible, stride)):
+        for s, on_another in zip(visible, superimposed_screws(visible, SUPERIMPOSED_CELLS * stride)):
             if on_another:
                 j, i = int(s["head"][0] // stride), int(s["head"][1] // stride)
                 heat[N_HEATMAPS] = torch.maximum(heat[N_HEATMAPS], _gaussian(xs, ys, j, i))
@@ -201,12 +190,16 @@ def _superimposed_copies(screws: list[dict[str, Any]], heat: Tensor, threshold: 
     """A copy of each decoded screw that the superimposed heatmap says lies on a second one,
     unless another decoded screw at least as likely is already there; it scores the heatmap and
     carries ``superimposed: True``."""
-    radius = SUPERIMPOSED_CELLS * stride
+    if not screws:
+        return []
+    near = screw_distances(screws, screws) <= SUPERIMPOSED_CELLS * stride
+    scores = np.asarray([s["score"] for s in screws])
     copies = []
-    for s in screws:
+    for k, s in enumerate(screws):
         q = _sample(heat, np.asarray(s["head"]), stride)
-        if q >= threshold and not any(o is not s and o["score"] >= q and _screw_distance(o, s) <= radius
-                                      for o in screws):
+        others = near[k] & (scores >= q)
+        others[k] = False
+        if q >= threshold and not others.any():
             copies.append({**s, "score": q, "superimposed": True})
     return copies
 
@@ -215,8 +208,8 @@ def _superimposed_copies(screws: list[dict[str, Any]], heat: Tensor, threshold: 
 def decode_screws(out: Tensor, threshold: float = 0.3, max_screws: int = 50, stride: int = STRIDE,
                   candidates: float = CANDIDATE_THRESHOLD,
                   partner_weight: float = PARTNER_WEIGHT) -> list[list[dict[str, Any]]]:
-    """Head output ``(B, 12, h, w)`` (11 without the superimposed heatmap) -> per image, screws scoring ``>= threshold`` in input
-    pixels, best score first. Peaks down to ``min(candidates, threshold)`` take part in the
+    """Head output ``(B, 12, h, w)`` (11 without the superimposed heatmap) -> per image, screws
+    scoring ``>= threshold`` in input pixels, best score first. Peaks down to ``min(candidates, threshold)`` take part in the
     pairing, so a screw kept at one threshold is the same screw at any other: what ``evaluate``
     measures at an operating point is what ``predict`` returns there."""
     floor = min(candidates, threshold)

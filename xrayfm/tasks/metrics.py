@@ -360,7 +360,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
     lengths: list[float] = []  # of every true screw, and whether it was found
     found: list[bool] = []
     missed_near = 0  # missed true screws with a kept prediction's head or tip within max_dist of an end
-    superimposed: list[bool] = []  # per true screw: another one lies on it (see _superimposed)
+    superimposed: list[bool] = []  # per true screw: another one lies on it (superimposed_screws)
     for i, (p, t) in enumerate(zip(preds, trues)):
         sp = _spacing_rc(spacings[i]) if spacings is not None else None
         p = [s for s in p if float(s["score"]) >= score_threshold]
@@ -368,7 +368,7 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
         hit = {ti for _, ti, _ in matches}
         lengths += [float(np.linalg.norm(np.subtract(s["tip"], s["head"]))) for s in t]
         found += [j in hit for j in range(len(t))]
-        superimposed += _superimposed(t, max_dist)
+        superimposed += superimposed_screws(t, max_dist)
         ends = np.asarray([s[k] for s in p for k in ("head", "tip")], float).reshape(-1, 2)
         for j in set(range(len(t))) - hit:
             te = np.asarray([t[j]["head"], t[j]["tip"]], float)
@@ -418,13 +418,13 @@ def detection_metrics(preds: Sequence[Sequence[dict[str, Any]]], trues: Sequence
     }
 
 
-def _superimposed(trues: Sequence[dict[str, Any]], max_dist: float) -> list[bool]:
-    """Per true screw of one image: does another one lie within the matching distance of it
-    (:func:`screw_distances` ``<= max_dist``), so that one prediction can match either? The left
-    and right pedicle screws of a vertebra do on a lateral view."""
-    if len(trues) < 2:
-        return [False] * len(trues)
-    d = screw_distances(trues, trues)
+def superimposed_screws(screws: Sequence[dict[str, Any]], max_dist: float) -> list[bool]:
+    """Per screw of one image: does another one lie within ``max_dist`` of it
+    (:func:`screw_distances`), so that one prediction at the matching distance can match either?
+    The left and right pedicle screws of a vertebra do on a lateral view."""
+    if len(screws) < 2:
+        return [False] * len(screws)
+    d = screw_distances(screws, screws)
     np.fill_diagonal(d, np.inf)
     return [bool(v) for v in (d <= max_dist).any(axis=1)]
 
