@@ -33,7 +33,8 @@ DETECTION_CHANNELS = ("heat_head", "heat_tip", "head_off_x", "head_off_y", "tip_
                       "head_to_tip_x", "head_to_tip_y", "tip_to_head_x", "tip_to_head_y", "box_pad",
                       "heat_superimposed")
 N_HEATMAPS = 2      # the first channels: screw heads and tips
-N_REGRESSIONS = 9   # then offsets, vectors and the box margin; last the superimposed-screw heatmap
+N_REGRESSIONS = 9   # then offsets, vectors and the box margin
+SUPERIMPOSED_CHANNEL = N_HEATMAPS + N_REGRESSIONS  # last: the superimposed-screw heatmap (newer heads)
 
 _HEADS: dict[str, tuple[str, str, Callable[..., nn.Module]]] = {}
 

@@ -41,7 +41,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from xrayfm.conventions import direction_deg
-from xrayfm.models.heads import N_HEATMAPS, N_REGRESSIONS
+from xrayfm.models.heads import N_HEATMAPS, N_REGRESSIONS, SUPERIMPOSED_CHANNEL
 from xrayfm.tasks.base import HeadTask, register_task
 from xrayfm.tasks.data import LabeledImage, endpoint_visible, scale_screw, screw_detectable
 from xrayfm.tasks.metrics import detection_metrics, f1_operating_point, screw_distances, superimposed_screws
@@ -69,10 +69,6 @@ def _box_margin(s: dict[str, Any]) -> float:
     return float(np.mean([min(hx, tx) - x0, min(hy, ty) - y0, x1 - max(hx, tx), y1 - max(hy, ty)]))
 
 
-def _gaussian(xs: Tensor, ys: Tensor, j: int, i: int) -> Tensor:
-    return torch.exp(-((xs - j) ** 2 + (ys - i) ** 2) / 2.0)
-
-
 def encode_screws(screws: Sequence[dict[str, Any]], height: int, width: int,
                   stride: int = STRIDE, superimposed: bool = False) -> dict[str, Tensor]:
     """Targets for one image: ``heat (2, h, w)`` (3 with ``superimposed``), ``reg (9, h, w)``,
@@ -84,12 +80,11 @@ def encode_screws(screws: Sequence[dict[str, Any]], height: int, width: int,
     mask = torch.zeros(N_REGRESSIONS, h, w)
     ys = torch.arange(h, dtype=torch.float32)[:, None]
     xs = torch.arange(w, dtype=torch.float32)[None, :]
+    twins: set[int] = set()  # ids of the screws with a visible head that lie on another such one
     if superimposed:
         visible = [s for s in screws if endpoint_visible(s, "head", height, width)]
-        for s, on_another in zip(visible, superimposed_screws(visible, SUPERIMPOSED_CELLS * stride)):
-            if on_another:
-                j, i = int(s["head"][0] // stride), int(s["head"][1] // stride)
-                heat[N_HEATMAPS] = torch.maximum(heat[N_HEATMAPS], _gaussian(xs, ys, j, i))
+        twins = {id(s) for s, on_another in zip(visible, superimposed_screws(visible, SUPERIMPOSED_CELLS * stride))
+                 if on_another}
     for s in screws:
         head, tip = np.asarray(s["head"], np.float64), np.asarray(s["tip"], np.float64)
         v = (tip - head) / stride
@@ -98,7 +93,10 @@ def encode_screws(screws: Sequence[dict[str, Any]], height: int, width: int,
             if not endpoint_visible(s, end, height, width):
                 continue
             j, i = int(p[0] // stride), int(p[1] // stride)
-            heat[k] = torch.maximum(heat[k], _gaussian(xs, ys, j, i))
+            peak = torch.exp(-((xs - j) ** 2 + (ys - i) ** 2) / 2.0)
+            heat[k] = torch.maximum(heat[k], peak)
+            if end == "head" and id(s) in twins:
+                heat[N_HEATMAPS] = torch.maximum(heat[N_HEATMAPS], peak)
             for ch, val in zip(chans, [*(p / stride - (j + 0.5, i + 0.5)), *rest]):
                 reg[ch, i, j], mask[ch, i, j] = float(val), 1.0
     return {"heat": heat, "reg": reg, "reg_mask": mask}
@@ -118,12 +116,12 @@ def detection_loss(out: Tensor, targets: dict[str, Tensor], vector_weight: float
     """Focal loss on the heatmaps (head, tip and, when the head has it, superimposed: one loss
     normalised by all their peaks, so the rare superimposed peaks weigh as what they are) + L1 on
     offsets (weight 1) and vectors/margin (``vector_weight``)."""
-    heat_logits = torch.cat([out[:, :N_HEATMAPS], out[:, N_HEATMAPS + N_REGRESSIONS:]], dim=1)
+    heat_logits = torch.cat([out[:, :N_HEATMAPS], out[:, SUPERIMPOSED_CHANNEL:]], dim=1)
     focal = focal_heatmap_loss(heat_logits, targets["heat"])
     m = targets["reg_mask"]
     weights = torch.full((N_REGRESSIONS,), vector_weight, device=out.device)
     weights[[0, 1, 2, 3]] = 1.0
-    l1 = (out[:, N_HEATMAPS:N_HEATMAPS + N_REGRESSIONS] - targets["reg"]).abs() * m * weights[None, :, None, None]
+    l1 = (out[:, N_HEATMAPS:SUPERIMPOSED_CHANNEL] - targets["reg"]).abs() * m * weights[None, :, None, None]
     return focal + l1.sum() / m[:, :1].sum().clamp(min=1.0) / 2
 
 
@@ -148,7 +146,7 @@ def _screw(head: np.ndarray, tip: np.ndarray, score: float, margin: float) -> di
 
 def _decode_one(out: Tensor, threshold: float, stride: int, partner_weight: float) -> list[dict[str, Any]]:
     heat = torch.sigmoid(out[:N_HEATMAPS].float())
-    reg = out[N_HEATMAPS:N_HEATMAPS + N_REGRESSIONS].double().numpy()
+    reg = out[N_HEATMAPS:SUPERIMPOSED_CHANNEL].double().numpy()
     (hc, hs), (tc, ts) = _peaks(heat[0], threshold), _peaks(heat[1], threshold)
 
     def at(cells: np.ndarray, chans: list[int]) -> np.ndarray:
@@ -180,8 +178,8 @@ def _decode_one(out: Tensor, threshold: float, stride: int, partner_weight: floa
         score = float(ts[b] ** (1 - w) * _sample(heat[0], t2h[b], stride) ** w)
         if score >= threshold:
             screws.append(_screw(t2h[b], tp[b], score, 0.0))
-    if out.shape[0] > N_HEATMAPS + N_REGRESSIONS:
-        screws += _superimposed_copies(screws, torch.sigmoid(out[N_HEATMAPS + N_REGRESSIONS].float()), threshold, stride)
+    if out.shape[0] > SUPERIMPOSED_CHANNEL:
+        screws += _superimposed_copies(screws, torch.sigmoid(out[SUPERIMPOSED_CHANNEL].float()), threshold, stride)
     return sorted(screws, key=lambda s: -s["score"])
 
 
@@ -193,13 +191,12 @@ def _superimposed_copies(screws: list[dict[str, Any]], heat: Tensor, threshold: 
     if not screws:
         return []
     near = screw_distances(screws, screws) <= SUPERIMPOSED_CELLS * stride
+    np.fill_diagonal(near, False)  # a screw does not stand in for its own copy
     scores = np.asarray([s["score"] for s in screws])
     copies = []
     for k, s in enumerate(screws):
         q = _sample(heat, np.asarray(s["head"]), stride)
-        others = near[k] & (scores >= q)
-        others[k] = False
-        if q >= threshold and not others.any():
+        if q >= threshold and not (near[k] & (scores >= q)).any():
             copies.append({**s, "score": q, "superimposed": True})
     return copies
 
@@ -209,9 +206,10 @@ def decode_screws(out: Tensor, threshold: float = 0.3, max_screws: int = 50, str
                   candidates: float = CANDIDATE_THRESHOLD,
                   partner_weight: float = PARTNER_WEIGHT) -> list[list[dict[str, Any]]]:
     """Head output ``(B, 12, h, w)`` (11 without the superimposed heatmap) -> per image, screws
-    scoring ``>= threshold`` in input pixels, best score first. Peaks down to ``min(candidates, threshold)`` take part in the
-    pairing, so a screw kept at one threshold is the same screw at any other: what ``evaluate``
-    measures at an operating point is what ``predict`` returns there."""
+    scoring ``>= threshold`` in input pixels, best score first. Peaks down to
+    ``min(candidates, threshold)`` take part in the pairing, so a screw kept at one threshold is
+    the same screw at any other: what ``evaluate`` measures at an operating point is what
+    ``predict`` returns there."""
     floor = min(candidates, threshold)
     return [[s for s in _decode_one(o.cpu(), floor, stride, partner_weight) if s["score"] >= threshold][:max_screws]
             for o in out]
@@ -262,10 +260,10 @@ class DetectTask(HeadTask):
         self.max_dist = max_dist
         self.ap_threshold = min(ap_threshold, threshold)
         self.stride = STRIDE
-        self.superimposed = True
+        self.superimposed = True  # new heads get the heatmap; bind_head takes a trained head's own
 
     def head_kwargs(self) -> dict[str, Any]:
-        return {"superimposed": True}
+        return {"superimposed": self.superimposed}
 
     def bind_head(self, head: nn.Module) -> None:
         self.stride = int(head.stride)  # type: ignore[arg-type]
