@@ -76,6 +76,28 @@ def test_predict_matches_a_single_image_call(bundle_dir: Path) -> None:
     assert np.allclose(both[1]["metal_probability"], alone[0]["metal_probability"], atol=1e-4)
 
 
+def test_flip_tta_averages_the_mirrored_images_maps(bundle_dir: Path) -> None:
+    """``tta="flip"``: each head's output is the mean of the image's and the mirrored image's
+    (mapped back); the metal logits show it exactly, the embedding stays the plain image's."""
+    plain, flip = ModelBundle.load(bundle_dir), ModelBundle.load(bundle_dir, tta="flip")
+    assert flip.card()["tta"] == "flip" and plain.card()["tta"] == "none"
+    img = real_image("RG1_UNCR.dcm", BUNDLE_SIZE)  # 64 x 60: resizing to the input commutes with the mirror
+    a, m = plain.predict([img, img[:, ::-1].copy()], return_embedding=True)
+    f = flip.predict([img], return_embedding=True)[0]
+
+    def logit(p: np.ndarray) -> np.ndarray:
+        p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+        return np.log(p / (1 - p))
+
+    mixed = (logit(a["metal_probability"]) + logit(m["metal_probability"])[:, ::-1]) / 2
+    assert np.allclose(logit(f["metal_probability"]), mixed, atol=1e-3)
+    assert not np.allclose(f["metal_probability"], a["metal_probability"], atol=1e-3)
+    assert f["embedding"] == a["embedding"]
+    assert abs(sum(f["probabilities"].values()) - 1) < 1e-4 and isinstance(f["screws"], list)
+    with pytest.raises(ValueError, match="none, flip, dihedral"):
+        ModelBundle.load(bundle_dir, tta="rotate")
+
+
 def test_screw_mm_uses_row_col_spacing() -> None:
     s = screw_mm({"head": [10.0, 0.0], "tip": [10.0, 20.0]}, (0.5, 2.0))
     assert s["head_mm"] == [20.0, 0.0] and s["tip_mm"] == [20.0, 10.0] and s["length_mm"] == 10.0

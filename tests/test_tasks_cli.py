@@ -99,6 +99,22 @@ def test_train_evaluate_embed(world: Path, capsys: pytest.CaptureFixture[str]) -
     assert exc.value.code == 0
     wide_det = json.loads(wide.read_text())["detection"]
     assert wide_det["max_dist_px"] == 40.0 and wide_det["n_matched"] >= doc["detection"]["n_matched"]
+    # test-time augmentation: the mirrored copies' maps averaged in, recorded with the metrics
+    flipped = world / "eval" / "flip.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", *_common(world), "--split", "val", "--out", str(flipped), "--device", "cpu",
+              "--heads", str(world / "segment"), "--tta", "flip"])
+    assert exc.value.code == 0
+    flip_doc = json.loads(flipped.read_text())
+    assert flip_doc["tta"] == "flip" and doc["tta"] == "none"
+    assert flip_doc["segmentation"]["n"] == doc["segmentation"]["n"]
+    assert flip_doc["segmentation"]["dice_mean"] != doc["segmentation"]["dice_mean"]  # a random-init
+    # backbone and a short-trained head are not mirror-symmetric, so averaging changes the masks
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", *_common(world), "--split", "val", "--out", str(world / "eval" / "bad.json"),
+              "--heads", str(world / "segment"), "--tta", "rotate"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and "none, flip, dihedral" in err[0]
     with pytest.raises(SystemExit) as exc:
         main(["evaluate", *_common(world), "--split", "val", "--out", str(world / "eval" / "bad.json"),
               "--heads", str(world / "detect"), "--match-px", "0"])

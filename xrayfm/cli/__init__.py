@@ -25,6 +25,11 @@ def _root() -> None:
     """X-ray foundation models: ingest, synth, pretrain, heads, evaluate, predict, serve."""
 
 
+TTA_HELP = ("Test-time augmentation: none, flip (average each head over the image and its mirror; "
+            "helps heads trained with --augment) or dihedral (all 8 rot90/mirror copies, for heads "
+            "trained with --dihedral); 1, 2 or 8 forward passes.")
+
+
 class UserError(Exception):
     """An error caused by input the user can fix; printed as one line, exit code 2."""
 

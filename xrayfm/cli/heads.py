@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from xrayfm.cli import UserError, app
+from xrayfm.cli import TTA_HELP, UserError, app
 
 heads_app = typer.Typer(help="Train task heads (classify, segment, segment_vertebrae, detect) on a frozen or "
                         "fine-tuned backbone.",
@@ -204,24 +204,27 @@ def evaluate_cmd(
     match_px: Annotated[float | None, _Opt(help="Screw matching radius in image pixels (scale it with the "
                                            "image size: 10 at 128 px, 20 at 256) [the radius the head "
                                            "was tuned with, else 10].")] = None,
+    tta: Annotated[str, _Opt(help=TTA_HELP)] = "none",
 ) -> None:
     """Evaluate head bundles on a split and write metrics.json (see docs/heads.md for the keys)."""
     from xrayfm.config import atomic_write_text, write_run_record
     from xrayfm.tasks.evaluate import evaluate_heads
+    from xrayfm.tasks.tta import tta_elements
 
     try:
+        tta_elements(tta)  # before the lake loads
         items = _load_items(lake, labels, split)
         if not items:
             raise ValueError(f"no labelled images in split {split!r}; check --lake, --labels and --split")
         train = _load_items(lake, labels, "train") if knn and _has_classifier(heads) else None
         with _bar("evaluate", len(items) * len(heads)) as step:
             doc = evaluate_heads(backbone, heads, items, train, classical=classical, progress=step, device=device,
-                                 match_px=match_px)
+                                 match_px=match_px, tta=tta)
         doc["split"] = split
         atomic_write_text(out, json.dumps(_json_safe(doc), indent=2))
         write_run_record(_record_dir(out), {"backbone": backbone, "heads": heads, "lake": lake, "labels": labels,
                                       "split": split, "knn": knn, "classical": classical,
-                                            "device": device, "match_px": match_px})
+                                            "device": device, "match_px": match_px, "tta": tta})
     except _user_errors() as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
     parts = []

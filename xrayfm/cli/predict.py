@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from xrayfm.cli import UserError, app
+from xrayfm.cli import TTA_HELP, UserError, app
 
 
 @dataclass
@@ -88,6 +88,7 @@ def predict_cmd(
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda or auto.")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32 (as evaluated), bf16 or auto (bf16 on a GPU or a CPU "
                                            "with fast bf16): the forward pass under autocast.")] = "fp32",
+    tta: Annotated[str, typer.Option(help=TTA_HELP)] = "none",
     dicom_seg: Annotated[
         bool,
         typer.Option(
@@ -114,7 +115,7 @@ def predict_cmd(
     if batch_size < 1 or every < 1 or (max_frames is not None and max_frames < 1):
         raise UserError("--batch-size, --every and --max-frames must be >= 1")
     try:
-        bundle = ModelBundle.load(model, device, precision)
+        bundle = ModelBundle.load(model, device, precision, tta)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
     try:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from xrayfm.cli import UserError, app
+from xrayfm.cli import TTA_HELP, UserError, app
 
 
 @app.command("serve")
@@ -34,6 +34,7 @@ def serve_cmd(
     device: Annotated[str, typer.Option(help="Torch device: cpu, cuda or auto.")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32 (as evaluated), bf16 or auto (bf16 on a GPU or a CPU "
                                            "with fast bf16): the forward pass under autocast.")] = "fp32",
+    tta: Annotated[str, typer.Option(help=TTA_HELP)] = "none",
 ) -> None:
     """Serve POST /v1/predict, GET /v1/model, GET /healthz, the viewer at / and OpenAPI docs at /docs."""
     import uvicorn
@@ -46,7 +47,7 @@ def serve_cmd(
             "--max-upload-mb must be > 0, --max-batch and --max-frames >= 1, --batch-window-ms >= 0"
         )
     try:
-        bundle = ModelBundle.load(model, device, precision)
+        bundle = ModelBundle.load(model, device, precision, tta)
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(str(exc).splitlines()[0]) from exc
     if host not in ("127.0.0.1", "localhost", "::1") and token is None:

@@ -38,6 +38,7 @@ from xrayfm.models.backbones import Backbone, ResNetBackbone, ViTBackbone, pool_
 from xrayfm.models.card import CARD_NAME, WEIGHTS_NAME, load_backbone
 from xrayfm.models.heads import head_pool, head_reads_image
 from xrayfm.models.runtime import autocast
+from xrayfm.tasks.tta import tta_elements, tta_mean
 
 BUNDLE_FORMAT = "xrayfm-model-bundle"
 BUNDLE_VERSION = 1
@@ -122,6 +123,7 @@ class ModelBundle:
     options: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"
     precision: str = "fp32"  # what the forward pass runs in: fp32 or bf16 (autocast)
+    tta: str = "none"  # test-time augmentation (xrayfm.tasks.tta): none, flip or dihedral
 
     # ------------------------------------------------------------------ create / load
     @staticmethod
@@ -208,13 +210,15 @@ class ModelBundle:
         return out_dir
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", precision: str = "fp32") -> ModelBundle:
+    def load(cls, path: str | Path, device: str = "cpu", precision: str = "fp32", tta: str = "none") -> ModelBundle:
         """Load a bundle folder written by :meth:`create` in eval mode on ``device`` ("cpu", "cuda",
         "auto"); ``precision`` "bf16" (or "auto": bf16 where it is fast) runs the forward pass
-        under bf16 autocast, fp32 (the default) exactly as evaluated."""
+        under bf16 autocast, fp32 (the default) exactly as evaluated; ``tta`` averages every head
+        over mirrored (``flip``) or all 8 rotated/mirrored (``dihedral``) copies of each image."""
         from xrayfm.models.runtime import resolve_bf16, resolve_device
         from xrayfm.tasks.train import load_head_bundle
 
+        tta_elements(tta)  # an unknown mode fails here, before the weights load
         dev = resolve_device(device)
         amp = resolve_bf16(precision, dev)
 
@@ -244,6 +248,7 @@ class ModelBundle:
             dict(card.get("options") or {}),
             str(dev),
             "bf16" if amp else "fp32",
+            tta,
         )
 
     # ------------------------------------------------------------------ inference
@@ -257,6 +262,7 @@ class ModelBundle:
             "options": self.options,
             "device": self.device,
             "precision": self.precision,
+            "tta": self.tta,
             "intensity_convention": self.backbone_card.get("intensity_convention"),
             "backbone": {k: v for k, v in self.backbone_card.items() if k not in ("versions",)},
         }
@@ -289,6 +295,9 @@ class ModelBundle:
         results = [{"height": int(im.shape[0]), "width": int(im.shape[1])} for im in images]
         with autocast(x.device, torch.bfloat16 if self.precision == "bf16" else None):
             pooled, outs = self._forward(x)
+            if self.tta != "none":  # the embedding stays the plain image's
+                vectors = {t: getattr(h, "vector_channels", ()) for t, h in self.heads.items()}
+                outs = tta_mean(lambda v: self._forward(v)[1], x, tta_elements(self.tta), vectors, at_identity=outs)
         if "classify" in outs:
             self._classify(outs["classify"], results)
         if "segment" in outs:

@@ -35,6 +35,8 @@ DETECTION_CHANNELS = ("heat_head", "heat_tip", "head_off_x", "head_off_y", "tip_
 N_HEATMAPS = 2      # the first channels: screw heads and tips
 N_REGRESSIONS = 9   # then offsets, vectors and the box margin
 SUPERIMPOSED_CHANNEL = N_HEATMAPS + N_REGRESSIONS  # last: the superimposed-screw heatmap (newer heads)
+# (x, y) channel pairs that rotate and mirror with the image: offsets and head<->tip vectors
+VECTOR_CHANNELS = tuple((i, i + 1) for i, n in enumerate(DETECTION_CHANNELS) if n.endswith("_x"))
 
 _HEADS: dict[str, tuple[str, str, Callable[..., nn.Module]]] = {}
 
@@ -315,6 +317,8 @@ class KeypointHead(nn.Module):
     to its tip and back, and a box margin (regressions in stride units). With ``superimposed`` a
     last heatmap marks the heads of screws that lie on another one (a lateral view's left and
     right pedicle screws), which one head-tip peak pair cannot tell apart."""
+
+    vector_channels = VECTOR_CHANNELS  # what test-time augmentation turns with the map (tasks/tta.py)
 
     def __init__(self, dense_channels: Sequence[int], dense_strides: Sequence[int], width: int = 64,
                  heat_prior: float = 0.01, out_stride: int = 4, image_skip: bool = False,

@@ -30,6 +30,7 @@ from xrayfm.tasks.data import LabeledImage, images_tensor, load_labeled_images, 
 from xrayfm.tasks.detect import DetectTask
 from xrayfm.tasks.features import backbone_features
 from xrayfm.tasks.train import load_head_bundle, predict_items, task_for_head
+from xrayfm.tasks.tta import tta_elements
 
 SECTION = {"classify": "classification", "segment": "segmentation",
            "segment_vertebrae": "vertebrae_segmentation", "detect": "detection"}
@@ -121,10 +122,12 @@ def _strip_lists(m: dict[str, Any]) -> dict[str, Any]:
 def evaluate_heads(backbone_path: str | Path, head_paths: Sequence[str | Path], items: Sequence[LabeledImage],
                    train_items: Sequence[LabeledImage] | None = None, classical: bool = False,
                    progress: Callable[[int], None] | None = None, device: str = "auto",
-                   match_px: float | None = None) -> dict[str, Any]:
+                   match_px: float | None = None, tta: str = "none") -> dict[str, Any]:
     """Metrics of each head bundle on ``items`` (models on ``device``, :func:`resolve_device`);
     ``train_items`` adds kNN/classical baselines; ``match_px`` replaces the screw matching radius
-    (:class:`~xrayfm.tasks.detect.DetectTask` ``max_dist``, image px)."""
+    (:class:`~xrayfm.tasks.detect.DetectTask` ``max_dist``, image px); ``tta``: test-time
+    augmentation of the heads (:mod:`xrayfm.tasks.tta`; the baselines see the plain images)."""
+    tta_elements(tta)
     if match_px is not None and not match_px > 0:
         raise ValueError(f"screw matching radius must be a positive distance in image pixels, got {match_px}; "
                          "pass e.g. --match-px 10")
@@ -133,7 +136,7 @@ def evaluate_heads(backbone_path: str | Path, head_paths: Sequence[str | Path], 
     backbone.to(dev)
     doc: dict[str, Any] = {
         "backbone": {"arch": card.get("arch"), "method": card.get("method"), "checkpoint": str(backbone_path)},
-        "heads": {}, "n_images": len(items),
+        "heads": {}, "n_images": len(items), "tta": tta,
     }
     for hp in head_paths:
         head, hcard = load_head_bundle(hp)
@@ -153,7 +156,7 @@ def evaluate_heads(backbone_path: str | Path, head_paths: Sequence[str | Path], 
         labelled = [it for it in items if task.has_label(it)]
         if not labelled:
             raise ValueError(f"no images of this split carry a {task.name} label; check --labels and --split")
-        preds = predict_items(bb, head, task, labelled, int(hcard["img_size"]), progress=progress)
+        preds = predict_items(bb, head, task, labelled, int(hcard["img_size"]), progress=progress, tta=tta)
         metrics = _strip_lists(task.metrics(preds, labelled))
         metrics.update(task.operating_point())
         if task.name == "classify" and train_items:

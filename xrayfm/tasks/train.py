@@ -59,6 +59,7 @@ from xrayfm.tasks.data import (
 )
 from xrayfm.tasks.detect import DetectTask
 from xrayfm.tasks.features import backbone_features, batched, compute_features
+from xrayfm.tasks.tta import tta_elements, tta_mean
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CARD = "head.json"
@@ -316,21 +317,29 @@ def _fit_in_loop(backbone: nn.Module, head: nn.Module, task: HeadTask, items: li
 @torch.no_grad()
 def predict_items(backbone: nn.Module, head: nn.Module, task: HeadTask, items: Sequence[LabeledImage],
                   img_size: int, batch_size: int = 32,
-                  progress: Callable[[int], None] | None = None, soft: bool = False) -> list[Any]:
+                  progress: Callable[[int], None] | None = None, soft: bool = False,
+                  tta: str = "none") -> list[Any]:
     """Task predictions for ``items``, in each item's own pixel frame (``soft``: before the
-    decision threshold, :meth:`HeadTask.predict_soft`)."""
+    decision threshold, :meth:`HeadTask.predict_soft`; ``tta``: test-time augmentation mode,
+    :mod:`xrayfm.tasks.tta`)."""
     predict = task.predict_soft if soft else task.predict
+    elements = tta_elements(tta)
     backbone.eval()
     head.eval()
     device = module_device(backbone)
     head.to(device)
     size = (img_size, img_size)
+    vectors = {"out": getattr(head, "vector_channels", ())}
+
+    def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats = backbone_features(backbone, x, task.input_kind, head_pool(head), head_reads_image(head))
+        return {"out": task.run_head(head, feats, size)}
+
     preds: list[Any] = []
     for i in range(0, len(items), batch_size):
         chunk = list(items[i:i + batch_size])
         x = images_tensor([resize_item(it, *size) for it in chunk]).to(device)
-        out = task.run_head(head, backbone_features(backbone, x, task.input_kind, head_pool(head),
-                                                    head_reads_image(head)), size)
+        out = run(x)["out"] if elements == (0,) else tta_mean(run, x, elements, vectors)["out"]
         preds += predict(out, chunk, size)
         if progress is not None:
             progress(len(chunk))
