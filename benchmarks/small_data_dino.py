@@ -5,13 +5,14 @@
         [--size 64] [--threads 2] [--out benchmarks/results/small_data_dino.json]
 
 Base settings: the demo's small-data recipe (``xrayfm.cli.demo.SMALL_DATA_PRETRAIN``), 8 epochs,
-batch 32, global crops ``--size`` px, no local crops, out_dim 1024; each ``--exp NAME=JSON`` overrides
-any ``PretrainConfig`` key (``augment`` keys merge into the recipe's). Train images are held in
-memory at 1.5 x ``--size``. After every epoch the teacher (what DINO exports) and the student
-backbones are probed on the val split against the train split, at ``--size`` px: class-balanced
-weighted kNN (k 20, T 0.07, DINO protocol), the same kNN on features centred by the bank mean, and
-a linear probe (standardised features, logistic regression); the random init of the same
-architecture is probed once. Prints a line per epoch and writes everything as JSON.
+batch 32, global crops ``--size`` px, no local crops, out_dim 1024; each ``--exp NAME=JSON``
+overrides any ``PretrainConfig`` key (``augment`` keys merge into the recipe's). Train images (plus
+every image of each ``--unlabelled-lake``, whose labels are never read) are held in memory at 1.5 x
+``--size``. After every epoch the teacher (what DINO exports) and the student backbones are probed
+on the val split against the train split, at ``--size`` px: class-balanced weighted kNN (k 20, T
+0.07, DINO protocol), the same kNN on features centred by the bank mean, and a linear probe
+(standardised features, logistic regression); the random init of the same architecture is probed
+once. Prints a line per epoch and writes everything as JSON.
 """
 
 from __future__ import annotations
@@ -85,6 +86,18 @@ class TeacherStudentMonitor:
         return {**self.probe(teacher), **{f"student_{k}": v for k, v in student.items()}}
 
 
+def lake_images(lake: str) -> list[LabeledImage]:
+    """Every image of a lake, without labels (pretraining data only)."""
+    from xrayfm.conventions import from_uint16
+    from xrayfm.lake import decode_image, read_rows
+
+    rows = read_rows(lake, columns=["image_id", "split", "image"]).to_pylist()
+    if not rows:
+        raise SystemExit(f"--unlabelled-lake {lake}: no images")
+    return [LabeledImage(image=from_uint16(decode_image(r["image"])), image_id=r["image_id"], split=r["split"])
+            for r in rows]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lake", required=True)
@@ -96,6 +109,8 @@ def main() -> None:
     ap.add_argument("--input-norm", choices=INPUT_NORMS, help="the backbones' input_norm, random init "
                     "included (default: the recipe's)")
     ap.add_argument("--probe-every", type=int, default=1, help="probe after every N-th epoch (and the last)")
+    ap.add_argument("--unlabelled-lake", action="append", default=[],
+                    help="also pretrain on every image of this lake (any split; its labels are never read)")
     ap.add_argument("--workdir", default="/tmp/small_data_dino")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -103,7 +118,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     train, val = bank_and_query(args.lake, args.labels)
     side = int(args.size * 1.5)
-    source = resized_source(train, side)
+    extra = [it for lake in args.unlabelled_lake for it in lake_images(lake)]
+    source = resized_source(train + extra, side)
     probe = Prober(train, val, args.size)
     torch.manual_seed(0)
     recipe = yaml.safe_load(SMALL_DATA_PRETRAIN)
@@ -116,6 +132,7 @@ def main() -> None:
                             "input_norm": input_norm}
     runs: dict[str, Any] = {}
     result = {"lake": args.lake, "arch": args.arch, "size": args.size, "n_train": len(train), "n_val": len(val),
+              "unlabelled_lakes": args.unlabelled_lake, "n_unlabelled": len(extra),
               "base": {k: v for k, v in base.items() if k != "augment"} | {"augment": base.get("augment", {})},
               "random_init": random_init, "runs": runs, "threads": args.threads, "versions": versions()}
     for spec in args.exp:
