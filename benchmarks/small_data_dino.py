@@ -41,7 +41,7 @@ from xrayfm.ssl.multicrop import AugmentConfig
 from xrayfm.ssl.trainer import Trainer
 from xrayfm.synth.regions import REGIONS
 from xrayfm.tasks.classify import knn_scores
-from xrayfm.tasks.data import LabeledImage
+from xrayfm.tasks.data import LabeledImage, lake_items
 from xrayfm.tasks.evaluate import pooled_features
 
 RESULTS = Path(__file__).resolve().parent / "results" / "small_data_dino.json"
@@ -88,14 +88,10 @@ class TeacherStudentMonitor:
 
 def lake_images(lake: str) -> list[LabeledImage]:
     """Every image of a lake, without labels (pretraining data only)."""
-    from xrayfm.conventions import from_uint16
-    from xrayfm.lake import decode_image, read_rows
-
-    rows = read_rows(lake, columns=["image_id", "split", "image"]).to_pylist()
-    if not rows:
+    items = lake_items(lake)
+    if not items:
         raise SystemExit(f"--unlabelled-lake {lake}: no images")
-    return [LabeledImage(image=from_uint16(decode_image(r["image"])), image_id=r["image_id"], split=r["split"])
-            for r in rows]
+    return items
 
 
 def main() -> None:

@@ -215,6 +215,16 @@ def label_subset(items: list[LabeledImage], fraction: float, seed: int = 0,
     return [items[i] for i in sorted(keep)]
 
 
+def lake_items(lake: str, where: str | None = None) -> list[LabeledImage]:
+    """The lake's images matching ``where`` (an SQL predicate over its columns), without labels:
+    pretraining data or images to embed."""
+    from xrayfm.lake import decode_image, read_rows
+
+    rows = read_rows(lake, where=where, columns=["image_id", "split", "image"]).to_pylist()
+    return [LabeledImage(image=from_uint16(decode_image(r["image"])), image_id=r["image_id"], split=r["split"])
+            for r in rows]
+
+
 def load_labeled_images(lake: str, labels: str, split: str | None = None,
                         visible_only: bool = True) -> tuple[list[LabeledImage], int]:
     """Lake images joined to synth labels (``labels.parquet`` or its synth run folder) on

@@ -26,7 +26,7 @@ from torch import nn
 
 from xrayfm.models.heads import head_pool
 from xrayfm.models.runtime import module_device, resolve_device
-from xrayfm.tasks.data import LabeledImage, images_tensor, load_labeled_images, resize_item
+from xrayfm.tasks.data import LabeledImage, images_tensor, lake_items, load_labeled_images, resize_item
 from xrayfm.tasks.detect import DetectTask
 from xrayfm.tasks.features import backbone_features
 from xrayfm.tasks.train import load_head_bundle, predict_items, task_for_head
@@ -184,8 +184,7 @@ def embed_lake(backbone_path: str | Path, lake: str, out: str | Path, where: str
     import pyarrow.parquet as pq
 
     from xrayfm.config import atomic_write_bytes
-    from xrayfm.conventions import from_uint16
-    from xrayfm.lake import decode_image, read_rows
+    from xrayfm.lake import read_rows
 
     backbone, card = _load_backbone(backbone_path)
     size = int(img_size or card.get("input_size") or 224)
@@ -195,9 +194,7 @@ def embed_lake(backbone_path: str | Path, lake: str, out: str | Path, where: str
     rows: dict[str, list[Any]] = {"image_id": [], "split": [], "embedding": []}
     for i in range(0, len(ids), chunk):
         quoted = ", ".join("'" + x.replace("'", "''") + "'" for x in ids[i:i + chunk])
-        table = read_rows(lake, where=f"image_id IN ({quoted})", columns=["image_id", "split", "image"])
-        items = [LabeledImage(image=from_uint16(decode_image(r["image"])), image_id=r["image_id"], split=r["split"])
-                 for r in table.to_pylist()]
+        items = lake_items(lake, where=f"image_id IN ({quoted})")
         emb = pooled_features(backbone, items, size, batch_size, progress)
         rows["image_id"] += [it.image_id for it in items]
         rows["split"] += [it.split for it in items]
