@@ -156,6 +156,18 @@ def dihedral_item(item: LabeledImage, k: int) -> LabeledImage:
                    screws=screws, bone_mask=_dihedral_array(item.bone_mask, k))
 
 
+def dihedral_inverse(k: int) -> int:
+    """The D4 element undoing ``k`` (:func:`dihedral_item` numbering)."""
+    return k if k >= 4 else (4 - k) % 4
+
+
+def dihedral_linear(k: int) -> np.ndarray:
+    """The 2 x 2 matrix by which element ``k`` moves an ``(x, y)`` vector (points as in
+    :func:`dihedral_item`, without the translation)."""
+    moved = _dihedral_points(np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), k, 1, 1)
+    return (moved[1:] - moved[0]).T
+
+
 def _dihedral_array(a: np.ndarray | None, k: int) -> np.ndarray | None:
     """An ``(H, W)`` array under D4 element ``k`` (None stays None)."""
     if a is None:

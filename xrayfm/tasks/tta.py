@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from xrayfm.tasks.data import dihedral_inverse, dihedral_linear
 
 TTA_MODES: dict[str, tuple[int, ...]] = {"none": (0,), "flip": (0, 4), "dihedral": tuple(range(8))}
 
@@ -29,11 +30,6 @@ def tta_elements(mode: str) -> tuple[int, ...]:
     return TTA_MODES[mode]
 
 
-def inverse_element(k: int) -> int:
-    """The D4 element undoing ``k``: quarter turns ``k -> (4 - k) % 4``, mirrored ones are their own."""
-    return k if k >= 4 else (4 - k) % 4
-
-
 def dihedral_tensor(t: Tensor, k: int) -> Tensor:
     """``t``'s last two (H, W) dims under D4 element ``k``, as :func:`~xrayfm.tasks.data.dihedral_item`
     moves an image: mirror left-right when ``k >= 4``, then ``k % 4`` counter-clockwise quarter turns."""
@@ -42,24 +38,15 @@ def dihedral_tensor(t: Tensor, k: int) -> Tensor:
     return torch.rot90(t, k % 4, dims=(-2, -1)) if k % 4 else t
 
 
-def _linear_part(k: int) -> np.ndarray:
-    """How element ``k`` moves an ``(x, y)`` vector (image x right, y down)."""
-    m = np.diag([-1.0, 1.0]) if k >= 4 else np.eye(2)
-    turn = np.array([[0.0, 1.0], [-1.0, 0.0]])  # (x, y) -> (y, -x): one counter-clockwise turn as displayed
-    for _ in range(k % 4):
-        m = turn @ m
-    return m
-
-
 def invert_output(out: Tensor, k: int, vector_channels: Sequence[tuple[int, int]] = ()) -> Tensor:
     """A head's output for the input under element ``k``, mapped back to the input's frame."""
     if k == 0 or out.ndim < 4:
         return out
-    inv = inverse_element(k)
+    inv = dihedral_inverse(k)
     y = dihedral_tensor(out, inv)
     if vector_channels:
         y = y.clone()
-        m = torch.as_tensor(_linear_part(inv), dtype=y.dtype, device=y.device)
+        m = torch.as_tensor(dihedral_linear(inv), dtype=y.dtype, device=y.device)
         for cx, cy in vector_channels:
             vx, vy = y[:, cx].clone(), y[:, cy]
             y[:, cx] = m[0, 0] * vx + m[0, 1] * vy
